@@ -1,0 +1,175 @@
+"""Sampling with a KV cache: prefill the prompts once, then decode one token a step.
+
+Prompts of different lengths are left-padded to a common length, so every row writes the same
+cache slot each step; the attention mask keeps padding out and positions per row exact. Each row
+stops at any of the stop ids; rows that stopped keep decoding padding (masked out) until all
+have stopped or `max_new_tokens` is reached.
+
+`generate` returns the new tokens, their log-probabilities under the distribution they were
+sampled from (after temperature, top-k and top-p; plain log-softmax for greedy decoding) and
+whether each row ended with a stop id. REINFORCE (METHOD.md section 7) samples at temperature 1
+with no filtering, where these are exactly log pi(y_t).
+
+    python -m minirm.generate --model weights/smollm2-135m-instruct \\
+        --prompt "What is the capital of France?"
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from minirm.errors import UserError, cli
+from minirm.model import KVCache
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor    # (B, N) new tokens; pad_id after a row ended
+    logprobs: torch.Tensor  # (B, N) float32 log-probability of each new token
+    mask: torch.Tensor      # (B, N) bool: tokens that belong to the response (stop id included)
+    ended: torch.Tensor     # (B,) bool: the row emitted a stop id
+
+    def token_lists(self, keep_stop: bool = False, stop_ids=()):
+        out = []
+        for row, m in zip(self.tokens.tolist(), self.mask.tolist()):
+            ids = [t for t, keep in zip(row, m) if keep]
+            if not keep_stop and ids and ids[-1] in stop_ids:
+                ids = ids[:-1]
+            out.append(ids)
+        return out
+
+
+def left_pad(prompts, pad_id: int, device=None):
+    """List of id lists -> (tokens (B, P), mask (B, P)) padded on the left."""
+    P = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            tokens[i, P - len(p):] = torch.tensor(p)
+            mask[i, P - len(p):] = True
+    return tokens.to(device), mask.to(device)
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V); returns (tokens (B,), logprobs (B,))."""
+    logits = logits.float()
+    if temperature <= 0:
+        logp = torch.log_softmax(logits, -1)
+        tok = logp.argmax(-1)
+        return tok, logp.gather(-1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, -1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop = probs.cumsum(-1) - probs > top_p
+        drop = torch.zeros_like(drop).scatter(-1, order, drop)
+        logits = logits.masked_fill(drop, float("-inf"))
+    logp = torch.log_softmax(logits, -1)
+    tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
+             stop_ids=(), pad_id=0, generator=None, progress=False) -> Generation:
+    """Sample continuations of `prompts` (lists of token ids) with a KV cache."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    tokens, mask = left_pad(prompts, pad_id, device)
+    B, P = tokens.shape
+    limit = model.cfg.max_seq_len
+    if P + max_new_tokens > limit:
+        raise UserError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
+                        f"model's context of {limit}; shorten the prompt or --max-new-tokens")
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    cache = KVCache(len(model.layers), B, P + max_new_tokens)
+    logits = model(tokens, mask, cache)[:, -1]
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, device=device)
+    valid = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    steps = range(max_new_tokens)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="generate", unit="tok", leave=False)
+    n = 0
+    for step in steps:
+        tok, lp = sample_next(logits, temperature, top_k, top_p, generator)
+        tok = torch.where(done, pad_id, tok)
+        out[:, step], logprobs[:, step], valid[:, step] = tok, lp, ~done
+        hit = torch.isin(tok, stop) & ~done
+        ended |= hit
+        done |= hit
+        n = step + 1
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = model(tok[:, None], None, cache)[:, -1]
+    logprobs = logprobs.masked_fill(~valid, 0.0)
+    return Generation(out[:, :n], logprobs[:, :n], valid[:, :n], ended)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m minirm.generate",
+                                description="Generate a response from a model folder.")
+    p.add_argument("--model", required=True, help="model folder (Hugging Face layout) or preset")
+    p.add_argument("--prompt", required=True, help="sent as a user message via the chat format")
+    p.add_argument("--raw", action="store_true", help="send --prompt as it is, no chat format")
+    p.add_argument("--system", default=None, help="system message (chat format only)")
+    p.add_argument("--chat-format", default=None, choices=["llama3", "chatml", "toy"])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    return p
+
+
+def check_sampling_args(args):
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+@cli
+def main(argv=None):
+    from minirm.checkpoint import load_model, load_tokenizer
+
+    args = build_parser().parse_args(argv)
+    check_sampling_args(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    tok = load_tokenizer(args.model, chat_format=args.chat_format)
+    model, cfg = load_model(args.model, dtype=dtype, device=device)
+    model.eval()
+    if args.raw:
+        ids = tok.encode(args.prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        ids = tok.encode_chat(messages, add_generation_prompt=True).ids
+    stop_ids = set(cfg.eos_ids) | set(tok.stop_ids)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    result = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k,
+                      args.top_p, stop_ids=stop_ids, pad_id=tok.pad_id, generator=gen,
+                      progress=sys.stderr.isatty())
+    print(tok.decode(result.token_lists(stop_ids=stop_ids)[0]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The Llama-3 decoder, written out: RMSNorm, RoPE with Llama-3 scaling, grouped-query attention,
+SwiGLU, a tied or untied output layer, and an optional reward head.
+
+Layouts follow Hugging Face's `LlamaForCausalLM` (rotate-half RoPE), so its q/k weights load
+without permutation. The forward pass never mentions tensor parallelism: projections reshape with
+`view(B, T, -1, head_dim)`, so the same code runs on a shard holding a fraction of the heads
+(`minirm.parallel` swaps the Linear modules, it does not fork the math).
+
+Padding is described by an attention mask (B, T), True for real tokens. Positions count real
+tokens only, so a left-padded row gets the same positions, and the same outputs, as the unpadded
+one. The reward is read at the last real token found from that mask, never by searching for a pad
+or eos id (which breaks when pad == eos; METHOD.md section 2).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minirm.attention import attention
+from minirm.config import ModelConfig, llama3_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 and cast back before the gain, as the Llama reference does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension (Hugging Face's layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """cos and sin of shape (B, T, 1, head_dim) for integer positions (B, T)."""
+    angles = positions[..., None].float() * inv_freq  # (B, T, head_dim / 2)
+    emb = torch.cat((angles, angles), dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate query/key vectors x (B, T, H, head_dim) by their positions."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.backend = cfg.attention
+        self.block = cfg.flash_block
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, key_mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # -1: all heads, or this rank's share
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # all keys so far: (B, Hkv, S, head_dim)
+        out = attention(q, k, v, key_mask, backend=self.backend, block=self.block)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is Hugging Face's gate_proj, w3 up_proj, w2 down_proj."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, key_mask, cache=None, layer=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, key_mask, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class KVCache(nn.Module):
+    """A preallocated key/value cache for all layers, filled left to right.
+
+    Every row of the batch writes at the same slot (prompts are left-padded to a common length),
+    while `mask` remembers which slots hold real tokens and `lengths` how many each row has, so
+    RoPE positions and attention masks stay per-row exact. Buffers are allocated on the first
+    update, from the key shape, so a tensor-parallel shard allocates only its own heads.
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int):
+        super().__init__()
+        self.n_layers, self.batch, self.max_len = n_layers, batch, max_len
+        self.k = self.v = None
+        self.pos = 0                       # slots filled so far
+        self.mask = None                   # (B, max_len) bool: real tokens
+        self.lengths = None                # (B,) real tokens so far
+
+    def start(self, mask):
+        """Record the new tokens' mask (B, T); return the key mask over all slots so far."""
+        B, T = mask.shape
+        if self.mask is None:
+            self.mask = torch.zeros(B, self.max_len, dtype=torch.bool, device=mask.device)
+            self.lengths = torch.zeros(B, dtype=torch.long, device=mask.device)
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos + T} needed")
+        self.mask[:, self.pos:self.pos + T] = mask
+        return self.mask[:, :self.pos + T]
+
+    def update(self, layer, k, v):
+        B, H, T, D = k.shape
+        if self.k is None:
+            shape = (self.n_layers, B, H, self.max_len, D)
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def advance(self, mask):
+        self.lengths += mask.sum(-1)
+        self.pos += mask.shape[1]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # A reward model has no language-model head (METHOD.md section 2: it is unused), which
+        # is also the layout of Hugging Face's LlamaForSequenceClassification.
+        self.output = (None if cfg.tie_embeddings or cfg.n_outputs
+                       else nn.Linear(cfg.dim, cfg.vocab_size, bias=False))
+        # The reward head (METHOD.md section 2): Linear(hidden, n_outputs, bias=True), float32.
+        self.score = (nn.Linear(cfg.dim, cfg.n_outputs, bias=True, dtype=torch.float32)
+                      if cfg.n_outputs else None)
+        self._inv_freq = None
+
+    def inv_freq(self, device):
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = llama3_inv_freq(self.cfg).to(device)
+        return self._inv_freq
+
+    def init_weights(self, seed: int | None = None, std: float = 0.02):
+        """Random initialisation for training from scratch (normal(0, std), unit norms)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name == "score.bias":
+                nn.init.zeros_(p)
+            else:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def cast(self, dtype):
+        """Convert the weights to `dtype`, keeping the reward head in float32."""
+        self.to(dtype)
+        if self.score is not None:
+            self.score.float()
+        return self
+
+    def body(self, tokens, mask=None, cache=None):
+        """Hidden states (B, T, dim) after the last block, before the final norm."""
+        B, T = tokens.shape
+        if cache is not None:
+            if mask is None:
+                mask = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+            key_mask = cache.start(mask.bool())
+            positions = cache.lengths[:, None] + mask.long().cumsum(-1) - 1
+        elif mask is not None:
+            key_mask = mask.bool()
+            positions = mask.long().cumsum(-1) - 1
+        else:  # no padding: attention may take its causal fast path
+            key_mask = None
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        positions = positions.clamp(min=0)  # left padding sits at position 0
+        x = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq(tokens.device), positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, key_mask, cache, i)
+        if cache is not None:
+            cache.advance(mask.bool())
+        return x
+
+    def logits_from(self, h):
+        """Language-model logits from final-norm hidden states."""
+        if self.output is None:
+            if not self.cfg.tie_embeddings:
+                raise ValueError("a reward model has no language-model head")
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)
+
+    def forward(self, tokens, mask=None, cache=None):
+        """Next-token logits (B, T, vocab)."""
+        return self.logits_from(self.norm(self.body(tokens, mask, cache)))
+
+    def reward(self, tokens, mask=None):
+        """Reward head outputs (B, n_outputs), float32, read at each row's last real token."""
+        if self.score is None:
+            raise ValueError("this model has no reward head (n_outputs=0)")
+        h = self.body(tokens, mask)
+        last = last_token_index(mask, tokens.shape[1], tokens.device)
+        h_last = self.norm(h[torch.arange(h.shape[0], device=h.device), last])
+        return self.score(h_last.float())
+
+
+def last_token_index(mask, T: int, device=None):
+    """Index of the last real token of each row, from the mask alone (left or right padding)."""
+    if mask is None:
+        return torch.full((1,), T - 1, dtype=torch.long, device=device)
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.long() * (pos + 1)).argmax(-1)

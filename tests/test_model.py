@@ -1,0 +1,171 @@
+"""The model against Hugging Face `transformers`, and its invariances (padding, batching, cache)."""
+
+import pytest
+import torch
+
+from minirm.checkpoint import load_model, save_model
+from minirm.config import preset
+from minirm.generate import generate, left_pad
+from minirm.model import KVCache, Transformer
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+VARIANTS = {
+    "gqa-untied-llama3-rope": dict(rope_scaling=LLAMA3_SCALING, rope_theta=500000.0),
+    "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "gqa-tied-head-dim": dict(tie_word_embeddings=True, head_dim=32, rope_theta=100000.0),
+}
+
+
+def tokens(B=2, T=40, vocab=300, seed=1):
+    return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_transformers(hf_llama, variant):
+    hf, folder = hf_llama(**VARIANTS[variant])
+    model, cfg = load_model(folder)
+    x = tokens()
+    with torch.no_grad():
+        ref = hf(x).logits
+        ours = model(x)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_saved_checkpoint_loads_in_transformers(hf_llama, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    _, folder = hf_llama(**VARIANTS["gqa-untied-llama3-rope"])
+    model, _ = load_model(folder)
+    with torch.no_grad():  # make sure we export our weights, not a copy of theirs
+        model.layers[0].attention.wq.weight.mul_(1.5)
+    save_model(model, tmp_path / "out")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_save_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, cfg = load_model("debug", n_outputs=2, seed=3)
+    save_model(model, tmp_path / "m", max_shard_bytes=50_000)
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "m").glob("model-*.safetensors"))) > 1
+    again, cfg2 = load_model(tmp_path / "m")
+    assert cfg2.n_outputs == 2
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m")  # the index reads too
+    assert hf.config.num_hidden_layers == cfg.n_layers
+
+
+def test_reward_model_matches_sequence_classification(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, cfg = load_model("debug", n_outputs=1, seed=5)
+    with torch.no_grad():
+        model.score.bias.fill_(0.25)
+    save_model(model, tmp_path / "rm")
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    # Rows without padding: transformers finds the last token by searching for the pad id,
+    # which is exactly what minirm avoids; here there is no pad to find.
+    x = tokens(B=3, T=17, vocab=256)
+    with torch.no_grad():
+        ours = model.reward(x)
+        theirs = hf(x).logits
+    # LlamaForSequenceClassification has no bias: it drops score.bias on load.
+    torch.testing.assert_close(ours, theirs + 0.25, atol=1e-4, rtol=1e-4)
+    again, _ = load_model(tmp_path / "rm")
+    torch.testing.assert_close(again.reward(x), ours, atol=1e-6, rtol=1e-6)
+    assert again.score.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_and_batch_do_not_change_outputs(side):
+    cfg = preset("debug", n_outputs=3, pad_id=257)  # pad == eos
+    model = Transformer(cfg).init_weights(seed=0).eval()
+    lm = Transformer(preset("debug", pad_id=257)).init_weights(seed=0).eval()
+    lengths = [9, 23, 15]
+    rows = [tokens(1, n, 256, seed=n)[0].tolist() for n in lengths]
+    rows[0][-1] = cfg.eos_ids[0]  # a real eos inside the sequence, same id as the padding
+    T = max(lengths)
+    x = torch.full((3, T), cfg.pad_id)
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        x[i, sl], mask[i, sl] = torch.tensor(r), True
+    with torch.no_grad():
+        batch_reward = model.reward(x, mask)
+        batch_logits = lm(x, mask)
+        for i, r in enumerate(rows):
+            alone = torch.tensor([r])
+            torch.testing.assert_close(batch_reward[i], model.reward(alone)[0],
+                                       atol=1e-5, rtol=1e-5)
+            sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+            torch.testing.assert_close(batch_logits[i, sl], lm(alone)[0],
+                                       atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "flash", "sdpa"])
+def test_cache_decode_equals_recompute(backend):
+    cfg = preset("debug", attention=backend, flash_block=8)
+    model = Transformer(cfg).init_weights(seed=1).eval()
+    prompts = [tokens(1, n, 256, seed=n)[0].tolist() for n in (5, 12)]
+    x, mask = left_pad(prompts, cfg.pad_id)
+    new = tokens(2, 6, 256, seed=99)
+    with torch.no_grad():
+        cache = KVCache(cfg.n_layers, 2, x.shape[1] + new.shape[1])
+        step_logits = [model(x, mask, cache)]
+        for t in range(new.shape[1]):
+            step_logits.append(model(new[:, t:t + 1], None, cache))
+        full = model(torch.cat([x, new], 1),
+                     torch.cat([mask, torch.ones_like(new, dtype=torch.bool)], 1))
+    torch.testing.assert_close(torch.cat(step_logits, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_greedy_matches_argmax_and_seeded_sampling_repeats():
+    cfg = preset("debug")
+    model = Transformer(cfg).init_weights(seed=2).eval()
+    prompts = [[256, 5, 6, 7], [256, 9]]
+    out = generate(model, prompts, max_new_tokens=5, pad_id=cfg.pad_id)
+    # Greedy continuation recomputed without a cache, one row at a time.
+    for i, p in enumerate(prompts):
+        seq = list(p)
+        for _ in range(5):
+            with torch.no_grad():
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert out.tokens[i].tolist() == seq[len(p):]
+    a = generate(model, prompts, 8, temperature=1.0, top_k=20, top_p=0.9,
+                 generator=torch.Generator().manual_seed(7), pad_id=cfg.pad_id)
+    b = generate(model, prompts, 8, temperature=1.0, top_k=20, top_p=0.9,
+                 generator=torch.Generator().manual_seed(7), pad_id=cfg.pad_id)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+
+
+def test_generate_stops_per_sequence():
+    cfg = preset("debug")
+    model = Transformer(cfg).init_weights(seed=2).eval()
+    prompts = [[256, 5, 6, 7], [256, 9]]
+    free = generate(model, prompts, max_new_tokens=6, pad_id=cfg.pad_id)
+    stop = free.tokens[0, 2].item()  # make row 0 stop at its third token
+    out = generate(model, prompts, max_new_tokens=6, stop_ids={stop}, pad_id=cfg.pad_id)
+    assert out.ended[0] and out.mask[0].tolist()[:3] == [True] * 3
+    assert not out.mask[0, 3:].any()
+    assert out.token_lists(stop_ids={stop})[0] == free.tokens[0, :2].tolist()
+    row1_stops = stop in free.tokens[1].tolist()
+    assert bool(out.ended[1]) == row1_stops
+
+
+def test_sampling_logprobs_are_those_of_the_filtered_distribution():
+    from minirm.generate import sample_next
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    tok, lp = sample_next(logits, temperature=1.0, top_k=2,
+                          generator=torch.Generator().manual_seed(0))
+    # top-2 keeps logits 2.0 and 1.0: p = softmax([2, 1]).
+    p = torch.softmax(torch.tensor([2.0, 1.0]), -1)
+    assert tok.item() in (0, 1)
+    assert lp.item() == pytest.approx(torch.log(p[tok.item()]).item(), abs=1e-6)
+    # top-p 0.5: token 0 alone holds p=0.57 of the full softmax, so it is always chosen.
+    for seed in range(5):
+        tok, lp = sample_next(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(seed))
+        assert tok.item() == 0 and lp.item() == pytest.approx(0.0, abs=1e-6)
