@@ -1,0 +1,257 @@
+"""Causal attention with grouped-query heads and padding masks: one function, three backends.
+
+`attention(q, k, v, key_mask, backend)` is the only thing the model calls. The backends compute
+the same function (tests/test_attention.py proves it to 1e-5, forward and backward):
+
+- `reference`: softmax(Q K^T / sqrt(d) + mask) V, written out ("Attention Is All You Need",
+  eq. 1). It builds the whole T x S score matrix; read this one first.
+- `flash`: FlashAttention-2 (Dao, 2023) in plain PyTorch tensor ops. Keys are visited one block
+  at a time with an online softmax (Alg. 1) and the backward recomputes the scores block by
+  block from the saved log-sum-exp (Alg. 2), so neither pass ever holds a T x S score matrix.
+- `sdpa`: torch.nn.functional.scaled_dot_product_attention, PyTorch's fused kernels.
+
+Positions. The T queries are the last T of the S keys: query i sits at key position S - T + i.
+One rule thus covers a plain forward (T == S), a prefill after a KV cache, and one-token decode
+(T == 1). Query i sees key j iff j <= S - T + i and (key j is a real token or j is query i
+itself). The self exception keeps every softmax row non-empty, so padded queries (left or right
+padding) give finite, unused outputs instead of NaN.
+
+What it simplifies, compared with the CUDA FlashAttention-2 kernel:
+- The kernel's parallel grid over query blocks becomes one batched matmul per step: a step takes
+  one key block against a tile of several query blocks (up to TILE_SCORES scores), for every
+  batch element and head at once. The Python loop thus runs far fewer times than once per pair
+  of blocks, which is what makes it fast enough on a CPU.
+- Grouped-query attention copies one key/value block per query head for the step that uses it
+  (the kernel would read it G times instead); K and V themselves are never repeated.
+- Scores and accumulators are float32 (or float64 for float64 inputs) whatever the input dtype,
+  and the inputs are upcast before the matmuls; the kernel multiplies in bf16/fp16 and only
+  accumulates in float32. The result is cast back to q's dtype.
+- No dropout, no sliding window, no soft-capping: Llama-3 uses none of them.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("reference", "flash", "sdpa")
+
+
+def attention(q, k, v, key_mask=None, backend="reference", block=64):
+    """q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq % Hkv == 0 and S >= T.
+    The T queries are the LAST T of the S key positions (query i sits at key position S - T + i);
+    this covers plain forward (S == T), prefill and one-token KV-cache decode (T == 1).
+    key_mask: optional (B, S) bool, True = real token, False = padding (left or right padding).
+    Query i may attend to key j iff j <= S - T + i and (key_mask[b, j] or j == S - T + i).
+    (A padded query always sees itself, so no row is fully masked and nothing is NaN; outputs at
+    padded queries are unused by the model.) Scale 1/sqrt(D). Returns (B, Hq, T, D) in q's dtype.
+    `block` is the flash backend's key block size; the other backends ignore it."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    assert k.shape == v.shape == (B, Hkv, S, D), \
+        f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Hkv, S, D={D})"
+    assert Hq % Hkv == 0, f"n_heads={Hq} is not divisible by n_kv_heads={Hkv}"
+    assert S >= T, f"{T} queries but only {S} keys; queries must be the last T key positions"
+    if key_mask is not None:
+        assert key_mask.shape == (B, S) and key_mask.dtype == torch.bool, \
+            f"key_mask must be a (B={B}, S={S}) bool tensor, " \
+            f"got {key_mask.dtype} {tuple(key_mask.shape)}"
+    if backend == "reference":
+        return _reference(q, k, v, key_mask)
+    if backend == "flash":
+        assert block > 0, f"flash block={block} must be positive"
+        return _FlashAttention.apply(q, k, v, key_mask, block)
+    if backend == "sdpa":
+        return _sdpa(q, k, v, key_mask)
+    raise ValueError(f"attention backend {backend!r} is unknown; "
+                     f"choose one of {', '.join(BACKENDS)}")
+
+
+def build_mask(key_mask, T, S, device):
+    """Who sees whom: bool (B, 1, T, S), or (1, 1, T, S) without key_mask; True = may attend."""
+    q_pos = torch.arange(S - T, S, device=device)[:, None]  # queries are the last T positions
+    k_pos = torch.arange(S, device=device)[None, :]
+    causal = k_pos <= q_pos
+    if key_mask is None:
+        return causal[None, None]
+    return causal & (key_mask[:, None, None, :] | (k_pos == q_pos))
+
+
+# ----------------------------------------------------------------------------------- reference
+
+def _reference(q, k, v, key_mask):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    # Grouped-query attention without repeating K/V per query head: the G query heads that share
+    # a K/V head are (B, Hkv, G, T, D), and folding G into the rows, (B, Hkv, G*T, D), is the
+    # broadcast against k (B, Hkv, 1, S, D) done as one plain batched matmul.
+    qg = q.reshape(B, Hkv, G * T, D)
+    scores = (qg @ k.transpose(-2, -1)) / math.sqrt(D)                  # eq. 1: Q K^T / sqrt(d)
+    scores = scores.view(B, Hkv, G, T, S)
+    allowed = build_mask(key_mask, T, S, q.device)[:, :, None]          # (B|1, 1, 1, T, S)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # Softmax in float32 and back, as Hugging Face does: half precision exp/sum loses digits.
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+    probs = probs.to(q.dtype)
+    out = probs.view(B, Hkv, G * T, S) @ v
+    return out.view(B, Hq, T, D)
+
+
+# ----------------------------------------------------------------------------------------- sdpa
+
+def _sdpa(q, k, v, key_mask):
+    T, S = q.shape[2], k.shape[2]
+    if key_mask is None and T == S:
+        # The fast path. is_causal aligns the mask top-left, which equals ours only when T == S.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if key_mask is None and T == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # decode sees every key
+    mask = build_mask(key_mask, T, S, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+# ---------------------------------------------------------------------------------------- flash
+
+class _FlashAttention(torch.autograd.Function):
+    """Saves q, k, v, out and the log-sum-exp per row: O(T * D), never O(T * S)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, block):
+        out, lse = _flash_forward(q, k, v, key_mask, block)
+        ctx.save_for_backward(q, k, v, out, lse, key_mask)
+        ctx.block = block
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, key_mask = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(q, k, v, out, lse, dout, key_mask, ctx.block)
+        return dq, dk, dv, None, None
+
+
+# Scores one step holds, over all batch elements and heads together (float32, 4 bytes each). It
+# sets how many query rows a step takes, and so bounds the working memory of both passes (the
+# backward holds two such tiles) whatever T and S are. At T = 2048 (B = 1, 8 heads, D = 64) on
+# CPU, 2**17 keeps forward + backward below SDPA's peak memory for ~8% more time than taller
+# tiles (fewer, larger matmuls) would take.
+TILE_SCORES = 2**17
+
+
+def _tile_rows(B, Hq, block):
+    """Query rows per step: whole key blocks' worth, at least one, within TILE_SCORES."""
+    return block * max(1, TILE_SCORES // (B * Hq * block * block))
+
+
+def _tiles(T, S, block, rows):
+    """The (query tile, key block) pairs that have anything to compute, key blocks outermost.
+
+    Yields (a, b, c, j0, j1): query rows [a, b) against keys [j0, j1). Query i sits at key
+    position i + S - T, so a tile's rows before j0 would see none of these keys (they are in
+    its causal future) and are skipped; rows [a, c) sit inside the key block and need the causal
+    mask; rows [c, b) see the whole block.
+    """
+    shift = S - T
+    for j0 in range(0, S, block):
+        j1 = min(j0 + block, S)
+        for i0 in range(0, T, rows):
+            a, b = max(i0, j0 - shift), min(i0 + rows, T)
+            if a < b:
+                yield a, b, max(a, min(b, j1 - shift)), j0, j1
+
+
+def _per_query_head(x, G):
+    """(B*Hkv, n, D) -> (B*Hq, n, D). Only ever called on one key block: a block-sized copy."""
+    return x if G == 1 else x.repeat_interleave(G, dim=0)
+
+
+def _sum_per_kv_head(x, G):
+    """(B*Hq, n, D) -> (B*Hkv, n, D): the G query heads of a group add their gradients."""
+    return x if G == 1 else x.view(-1, G, *x.shape[1:]).sum(1)
+
+
+def _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B):
+    """Fill -inf where a query row may not see a key. s: (B*Hq, b - a, j1 - j0) scores."""
+    s = s.view(B, -1, *s.shape[1:])                                 # (B, Hq, rows, keys)
+    if c > a:  # rows inside the key block: causal, and a padded query still sees itself
+        q_pos, k_pos = pos[a + shift:c + shift, None], pos[j0:j1]
+        blocked = k_pos > q_pos                                      # (rows, keys)
+        if masked_keys is not None:
+            blocked = blocked | (masked_keys[:, None, j0:j1] & (k_pos != q_pos))
+        s[:, :, :c - a].masked_fill_(blocked.view(-1, 1, c - a, j1 - j0), float("-inf"))
+    if masked_keys is not None and c - a < s.shape[2]:               # rows past the key block
+        s[:, :, c - a:].masked_fill_(masked_keys[:, None, None, j0:j1], float("-inf"))
+
+
+def _flash_forward(q, k, v, key_mask, block):
+    """FlashAttention-2 forward (Alg. 1): online softmax over key blocks.
+
+    The CUDA kernel runs one thread block per query block, all in parallel; here a tile of query
+    blocks is one batched matmul over (batch, heads). Key blocks are walked from last to first,
+    so each row's first step is the block holding its own position, which it always sees: its
+    running max is finite from the start (no NaN from padding).
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G, shift, scale = Hq // Hkv, S - T, 1 / math.sqrt(D)
+    dt = torch.promote_types(q.dtype, torch.float32)                # accumulate in float32 at least
+    Q = q.reshape(B * Hq, T, D).to(dt)
+    K, V = k.reshape(B * Hkv, S, D).to(dt), v.reshape(B * Hkv, S, D).to(dt)
+    masked_keys = None if key_mask is None else ~key_mask
+    pos = torch.arange(S, device=q.device)
+    m = Q.new_full((B * Hq, T), float("-inf"))                      # running row max
+    l = Q.new_zeros((B * Hq, T))                                     # running row sum
+    # The running unnormalised output takes q's layout where bmm allows it: the model's q is a
+    # transposed (B, T, H, D) tensor, and then the caller's transpose back is free, as after SDPA.
+    out = torch.zeros_like(q, dtype=dt)
+    if not (B == 1 or out.stride(0) == Hq * out.stride(1)):
+        out = q.new_zeros(q.shape, dtype=dt)
+    acc = out.view(B * Hq, T, D)
+    for a, b, c, j0, j1 in reversed(list(_tiles(T, S, block, _tile_rows(B, Hq, block)))):
+        K_j, V_j = _per_query_head(K[:, j0:j1], G), _per_query_head(V[:, j0:j1], G)
+        s = torch.bmm(Q[:, a:b], K_j.transpose(1, 2)).mul_(scale)    # S = Q_i K_j^T
+        _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B)
+        m_old = m[:, a:b]
+        m_new = torch.maximum(m_old, s.amax(-1))                     # m = max(m_old, rowmax(S))
+        p = s.sub_(m_new[..., None]).exp_()                          # P~ = exp(S - m)
+        alpha = (m_old - m_new).exp_()                               # alpha = e^(m_old - m)
+        l[:, a:b].mul_(alpha).add_(p.sum(-1))                        # l = alpha l + rowsum(P~)
+        acc[:, a:b].mul_(alpha[..., None]).baddbmm_(p, V_j)          # O = alpha O + P~ V_j
+        m_old.copy_(m_new)
+        del s, p  # free this step's scores before the next step allocates its own
+    acc.div_(l[..., None])                                           # O = diag(l)^-1 O
+    lse = m.add_(l.log_())                                           # L = m + log(l)
+    return out.to(q.dtype), lse
+
+
+def _flash_backward(q, k, v, out, lse, dout, key_mask, block):
+    """FlashAttention-2 backward (Alg. 2): recompute P block by block from L, never store it.
+
+    As in the paper the outer loop is over key blocks: dK_j and dV_j add up over the query tiles
+    below the block, and each tile gets its share of dQ (the CUDA kernel needs atomic adds there).
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G, shift, scale = Hq // Hkv, S - T, 1 / math.sqrt(D)
+    dt = torch.promote_types(q.dtype, torch.float32)
+    Q, dO = q.reshape(B * Hq, T, D).to(dt), dout.reshape(B * Hq, T, D).to(dt)
+    K, V = k.reshape(B * Hkv, S, D).to(dt), v.reshape(B * Hkv, S, D).to(dt)
+    Di = (dO * out.reshape(B * Hq, T, D).to(dt)).sum(-1)            # D_i = rowsum(dO * O)
+    masked_keys = None if key_mask is None else ~key_mask
+    pos = torch.arange(S, device=q.device)
+    dQ, dK, dV = torch.zeros_like(Q), torch.zeros_like(K), torch.zeros_like(V)
+    for a, b, c, j0, j1 in _tiles(T, S, block, _tile_rows(B, Hq, block)):
+        K_j, V_j = _per_query_head(K[:, j0:j1], G), _per_query_head(V[:, j0:j1], G)
+        s = torch.bmm(Q[:, a:b], K_j.transpose(1, 2)).mul_(scale)    # S = Q_i K_j^T
+        _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B)
+        p = s.sub_(lse[:, a:b, None]).exp_()                         # P = exp(S - L)
+        dV_j = torch.bmm(p.transpose(1, 2), dO[:, a:b])              # dV_j += P^T dO_i
+        dV[:, j0:j1] += _sum_per_kv_head(dV_j, G)
+        dp = torch.bmm(dO[:, a:b], V_j.transpose(1, 2))              # dP = dO V_j^T
+        ds = dp.sub_(Di[:, a:b, None]).mul_(p)                       # dS = P * (dP - D_i)
+        dQ[:, a:b].baddbmm_(ds, K_j, alpha=scale)                    # dQ_i += dS K_j
+        dK_j = torch.bmm(ds.transpose(1, 2), Q[:, a:b])              # dK_j += dS^T Q_i
+        dK[:, j0:j1].add_(_sum_per_kv_head(dK_j, G), alpha=scale)
+        del s, p, dp, ds  # free this step's tiles before the next step allocates its own
+    return (dQ.view(q.shape).to(q.dtype), dK.view(k.shape).to(k.dtype),
+            dV.view(v.shape).to(v.dtype))
