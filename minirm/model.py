@@ -15,6 +15,7 @@ or eos id (which breaks when pad == eos; METHOD.md section 2).
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from minirm.attention import attention
 from minirm.config import ModelConfig, llama3_inv_freq
@@ -159,6 +160,7 @@ class Transformer(nn.Module):
         self.score = (nn.Linear(cfg.dim, cfg.n_outputs, bias=True, dtype=torch.float32)
                       if cfg.n_outputs else None)
         self._inv_freq = None
+        self.activation_checkpointing = False
 
     def inv_freq(self, device):
         if self._inv_freq is None or self._inv_freq.device != device:
@@ -203,7 +205,11 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(self.inv_freq(tokens.device), positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, key_mask, cache, i)
+            if self.activation_checkpointing and self.training and cache is None:
+                # Keep only block inputs; recompute the block in backward (memory for time).
+                x = checkpoint(layer, x, cos, sin, key_mask, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, key_mask, cache, i)
         if cache is not None:
             cache.advance(mask.bool())
         return x
@@ -227,7 +233,8 @@ class Transformer(nn.Module):
         h = self.body(tokens, mask)
         last = last_token_index(mask, tokens.shape[1], tokens.device)
         h_last = self.norm(h[torch.arange(h.shape[0], device=h.device), last])
-        return self.score(h_last.float())
+        with torch.autocast(device_type=h.device.type, enabled=False):  # head in float32
+            return self.score(h_last.float())
 
 
 def last_token_index(mask, T: int, device=None):
