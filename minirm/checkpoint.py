@@ -97,8 +97,16 @@ def _open(path: Path):
                         "it") from None
 
 
-def _check_and_read(folder: Path, cfg: ModelConfig, expected: dict, dtype, head_optional=False):
-    """Read every expected tensor, converted to `dtype`, checking names, shapes and dtypes."""
+def _check_and_read(folder: Path, cfg: ModelConfig, expected: dict, dtype, head_optional=False,
+                    shards=None, device="cpu"):
+    """Read every expected tensor, converted to `dtype`, checking names, shapes and dtypes.
+
+    Whole tensors are zero-copy views of the memory-mapped files (pages are read when touched).
+    `shards` (minirm name -> (dim, start, end), from `parallel.shard_specs`; tensor-parallel
+    loading) asks for slices instead: each is cut from the mapping with safetensors' get_slice,
+    copied into memory of its own, and its file unmapped at once, so host memory stays near the
+    size of this rank's shard and no rank ever holds a whole tensor.
+    """
     files = weight_files(folder)
     present = {n for n in files if not n.endswith(DERIVED)}
     if head_optional:  # a language model becoming a reward model leaves its lm_head behind
@@ -123,43 +131,74 @@ def _check_and_read(folder: Path, cfg: ModelConfig, expected: dict, dtype, head_
             if hf_name not in files:
                 continue
             path = files[hf_name]
-            if path not in handles:
-                handles[path] = _open(path).__enter__()
-            t = handles[path].get_tensor(hf_name)
-            if tuple(t.shape) != shapes[ours]:
-                raise UserError(f"{path}: tensor {hf_name!r} has shape {tuple(t.shape)} but "
-                                f"config.json implies {shapes[ours]}; the config does not "
-                                "match the weights")
-            if not t.is_floating_point():
-                raise UserError(f"{path}: tensor {hf_name!r} has dtype {t.dtype}; minirm "
-                                "loads floating-point weights only (dequantise it first)")
             # The reward head stays float32 whatever the model's dtype (METHOD.md section 2).
-            state[ours] = t.to(torch.float32 if ours.startswith("score.") else dtype)
+            want = torch.float32 if ours.startswith("score.") else dtype
+            if shards is None:
+                if path not in handles:
+                    handles[path] = _open(path).__enter__()
+                t = _read(handles[path], path, hf_name, shapes[ours])
+                state[ours] = t.to(device=device, dtype=want)
+            else:
+                with _open(path) as f:
+                    t = _read(f, path, hf_name, shapes[ours], shards.get(ours))
+                    state[ours] = torch.empty(t.shape, dtype=want, device=device).copy_(t)
+                    del t  # the last view of the mapping: the file is unmapped on exit
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)
     return state
 
 
-def load_model(spec, dtype=None, device="cpu", n_outputs=None, attention=None, seed=0):
+def _read(f, path, hf_name, shape, shard=None):
+    """One tensor (or the slice `shard` = (dim, start, end) of it) from an open file."""
+    sl = f.get_slice(hf_name)
+    if tuple(sl.get_shape()) != shape:
+        raise UserError(f"{path}: tensor {hf_name!r} has shape {tuple(sl.get_shape())} but "
+                        f"config.json implies {shape}; the config does not match the weights")
+    if shard is None:
+        t = f.get_tensor(hf_name)
+    else:
+        dim, start, end = shard
+        t = sl[start:end] if dim == 0 else sl[:, start:end]
+    if not t.is_floating_point():
+        raise UserError(f"{path}: tensor {hf_name!r} has dtype {t.dtype}; minirm "
+                        "loads floating-point weights only (dequantise it first)")
+    return t
+
+
+def model_folder(spec) -> Path:
+    """The folder a model argument names, or a clear error when it names nothing."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise UserError(f"{spec}: neither a model preset ({', '.join(PRESETS)}) nor a "
+                        "model folder")
+    return folder
+
+
+def load_model(spec, dtype=None, device=None, n_outputs=None, attention=None, seed=0,
+               grid=None):
     """A model from a preset name (random weights) or a Hugging Face folder.
 
     `n_outputs` asks for a reward head: a folder without one gets a freshly initialised head
     (starting reward-model training from a language model); a folder whose head has another
-    size is an error. Returns (model, cfg).
+    size is an error. `grid` (from `minirm.distributed.init`) returns the model tensor-parallel
+    on grid.device: from a folder, each rank reads only its own slices (see `parallel`).
+    Returns (model, cfg).
     """
+    from minirm.parallel import parallelize, retie, shard_specs
+
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
+    device = device or (grid.device if grid is not None else "cpu")
     overrides = {} if attention is None else {"attention": attention}
     if str(spec) in PRESETS:
         if n_outputs is not None:
             overrides["n_outputs"] = n_outputs
         cfg = preset(str(spec), **overrides)
-        model = Transformer(cfg).init_weights(seed=seed)
-        return model.to(device).cast(dtype), cfg
-    folder = Path(spec)
-    if not folder.is_dir():
-        raise UserError(f"{spec}: neither a model preset ({', '.join(PRESETS)}) nor a "
-                        "model folder")
+        model = Transformer(cfg).init_weights(seed=seed).cast(dtype)
+        if grid is not None:  # every rank draws the same full weights, then keeps its slice
+            parallelize(model, grid)
+        return model.to(device), cfg
+    folder = model_folder(spec)
     cfg = from_hf(folder)
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -169,16 +208,37 @@ def load_model(spec, dtype=None, device="cpu", n_outputs=None, attention=None, s
             raise UserError(f"{folder}: the checkpoint's reward head has {cfg.n_outputs} "
                             f"outputs but {n_outputs} were asked for")
         cfg.n_outputs, fresh_head = n_outputs, True
-    state = _check_and_read(folder, cfg, name_map(cfg), dtype, head_optional=fresh_head)
     with torch.device("meta"):
         model = Transformer(cfg)
-    if fresh_head:
-        head = torch.nn.Linear(cfg.dim, n_outputs, dtype=torch.float32)
-        torch.nn.init.normal_(head.weight, std=cfg.dim ** -0.5)
-        torch.nn.init.zeros_(head.bias)
-        state["score.weight"], state["score.bias"] = head.weight.data, head.bias.data
+    if grid is not None:
+        parallelize(model, grid)  # checks divisibility before anything is read
+    state = _check_and_read(folder, cfg, name_map(cfg), dtype, head_optional=fresh_head,
+                            shards=shard_specs(model) if grid is not None else None,
+                            device=device)
+    if fresh_head:  # seeded, so that every rank of a grid draws the same head
+        gen = torch.Generator().manual_seed(seed)
+        weight = torch.randn(n_outputs, cfg.dim, generator=gen) * cfg.dim ** -0.5
+        state["score.weight"] = weight.to(device)
+        state["score.bias"] = torch.zeros(n_outputs, device=device)
+    if "output.weight" in model.state_dict() and "output.weight" not in state:
+        state["output.weight"] = state["tok_embeddings.weight"]  # a tied tensor-parallel head
     model.load_state_dict(state, assign=True, strict=True)
+    retie(model)
     return model.to(device), cfg
+
+
+def load_weights(model, folder, grid=None):
+    """Load a saved folder's weights into an existing model of the same config (resuming).
+
+    Under tensor parallelism each rank reads only its slices, as `load_model` does.
+    """
+    grid = grid if grid is not None and grid.tp_size > 1 else None
+    dtype = next(p.dtype for n, p in model.named_parameters() if not n.startswith("score."))
+    device = next(model.parameters()).device
+    saved, _ = load_model(folder, dtype=dtype, device=device, attention=model.cfg.attention,
+                          grid=grid)
+    model.load_state_dict(saved.state_dict(), strict=True)
+    return model
 
 
 def load_tokenizer(spec, chat_format=None):
@@ -189,7 +249,7 @@ def load_tokenizer(spec, chat_format=None):
         if PRESETS[str(spec)].vocab_size == 259:
             return Tokenizer.byte_level()
         raise UserError(f"preset {spec!r} has no bundled tokenizer; pass a model folder")
-    return Tokenizer.from_folder(spec, chat_format=chat_format)
+    return Tokenizer.from_folder(model_folder(spec), chat_format=chat_format)
 
 
 def hf_state_dict(model) -> dict:
@@ -200,7 +260,7 @@ def hf_state_dict(model) -> dict:
 
 
 def save_model(model, out, tokenizer=None, max_shard_bytes=DEFAULT_SHARD_BYTES, state=None,
-               extra_files=None):
+               extra_files=None, binary_files=None):
     """Write `model` as a Hugging Face folder at `out`, atomically (temp folder + rename)."""
     out = Path(out)
     state = hf_state_dict(model) if state is None else state
@@ -216,12 +276,27 @@ def save_model(model, out, tokenizer=None, max_shard_bytes=DEFAULT_SHARD_BYTES, 
             tokenizer.save(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        for name, obj in (binary_files or {}).items():  # e.g. optimizer state for resuming
+            torch.save(obj, tmp / name)
         _fsync_dir(tmp)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_model_parallel(model, out, grid, **kw):
+    """`save_model` for a tensor-parallel model: gather to rank 0, which writes the same
+    Hugging Face folder as a single process would. Call it on every rank."""
+    from minirm.distributed import barrier
+    from minirm.parallel import gathered_hf_state
+
+    state = gathered_hf_state(model, grid) if grid.dp_rank == 0 else None
+    if grid.is_main:
+        save_model(model, out, state=state, **kw)
+    barrier()
+    return Path(out)
 
 
 def _write_weights(folder: Path, state: dict, max_shard_bytes: int):

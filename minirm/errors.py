@@ -3,9 +3,11 @@
 A `UserError` is a mistake the user can fix (a bad flag, a missing or malformed file, a config
 that does not match the weights). Entry points wrap their `main` with `cli`, which prints such an
 error as one line on stderr and exits with status 2. Anything else is a bug in minirm and keeps
-its traceback.
+its traceback. Under torchrun every rank exits with status 2 but only rank 0 prints, so a check
+that fails on all ranks reads as one line, not N.
 """
 
+import os
 import sys
 from functools import wraps
 
@@ -22,7 +24,8 @@ def cli(main):
         try:
             return main(argv)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
