@@ -19,6 +19,7 @@ Scores are fractions in [0, 1]; the printed table shows percent.
 """
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -81,6 +82,9 @@ def main(argv=None):
     if s.model is None or s.data is None:
         raise UserError("--model and --data are required: python -m minirm.evaluate "
                         "--model DIR --data FILE")
+    from minirm.distributed import env_rank
+    if env_rank() != 0:  # under torchrun --tp, rank 0 alone prints and writes
+        sys.stdout, s.json = open(os.devnull, "w"), None
     print("evaluate: " + json.dumps({k: v for k, v in asdict(s).items() if v is not None}))
     pairs = load_pairs(s.data, format=s.format, split=s.split)  # a bad file fails fast
     reader = load_reader(s)

@@ -132,6 +132,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree (run under torchrun --nproc-per-node TP)")
     return p
 
 
@@ -152,10 +154,15 @@ def main(argv=None):
 
     args = build_parser().parse_args(argv)
     check_sampling_args(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from minirm.distributed import env_rank
+    from minirm.score import tp_grid
+
+    grid = tp_grid(args.tp)  # every tp rank samples the same tokens from the same seed
+    device = str(grid.device) if grid else (
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     tok = load_tokenizer(args.model, chat_format=args.chat_format)
-    model, cfg = load_model(args.model, dtype=dtype, device=device)
+    model, cfg = load_model(args.model, dtype=dtype, device=device, grid=grid)
     model.eval()
     if args.raw:
         ids = tok.encode(args.prompt)
@@ -168,7 +175,8 @@ def main(argv=None):
     result = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k,
                       args.top_p, stop_ids=stop_ids, pad_id=tok.pad_id, generator=gen,
                       progress=sys.stderr.isatty())
-    print(tok.decode(result.token_lists(stop_ids=stop_ids)[0]))
+    if env_rank() == 0:
+        print(tok.decode(result.token_lists(stop_ids=stop_ids)[0]))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 
 from minirm.cliargs import opt
 from minirm.data import FORMATS, Encoded, Pair, encode_pairs
-from minirm.errors import UserError, cli
+from minirm.errors import UserError, cli, write_failure
 from minirm.scoring import ATTRIBUTE_WEIGHTS, reduce_outputs, score_pairs, score_sequences
 
 REWARD_SOURCES = ("head", "token0")
@@ -56,6 +56,7 @@ class RewardSettings:
     dtype: str = opt(None, "weights dtype, unset: float32 on CPU, bfloat16 on GPU",
                      choices=("float32", "bfloat16", "float16"))
     device: str = opt(None, "cpu or cuda, unset: cuda when available")
+    tp: int = opt(1, "tensor-parallel degree (run under torchrun --nproc-per-node TP)")
 
 
 @dataclass
@@ -133,15 +134,35 @@ def load_reader(s: ReadSettings) -> RewardReader:
         raise UserError("--model is required: a reward model folder")
     if s.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {s.batch_size}")
-    device = resolve_device(s.device)
+    grid = tp_grid(s.tp)
+    device = str(grid.device) if grid is not None else resolve_device(s.device)
     dtype = s.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    model, cfg = load_model(s.model, dtype=dtype, device=device, attention=s.attention)
+    model, cfg = load_model(s.model, dtype=dtype, device=device, attention=s.attention,
+                            grid=grid)
     model.eval()
     reward_fn, index, weights = reward_reading(model, s.reward, s.reward_index, s.weights,
                                                where=str(s.model))
     tokenizer = load_tokenizer(s.model, chat_format=s.chat_format)
     return RewardReader(model, tokenizer, resolve_max_length(s.max_length, cfg), s.batch_size,
                         reward_fn, index, weights, describe_reward(s.reward, index, s.weights))
+
+
+def tp_grid(tp):
+    """The tensor-parallel grid for --tp under torchrun (None for one process).
+
+    Scoring needs no data parallelism: every rank of the tp group scores every sequence, and
+    all ranks end with the same rewards; only rank 0 prints and writes.
+    """
+    import os
+
+    from minirm import distributed
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp == 1 and world == 1:
+        return None
+    if world != tp:
+        raise UserError(f"--tp {tp} needs exactly {tp} processes (torchrun --nproc-per-node "
+                        f"{tp}); got {world}")
+    return distributed.init(tp=tp, dp=1)
 
 
 def resolve_device(device, gpu_default=True):
@@ -215,19 +236,25 @@ def keep_end(tokenizer, prompt, response, max_length):
 
 
 def write_atomic(path, text: str):
-    """Write `text` to `path` via a temporary file and a rename: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write `text` to `path` via a temporary file and a rename: all or nothing. A path that
+    cannot be written (a file where a folder should be, a full disk) is a UserError."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        why = write_failure(e)
+        if why is None:
+            raise
+        raise UserError(f"{path}: cannot write it ({why}); choose another path or free some "
+                        "disk space") from None
 
 
 # ---- the score command ----
@@ -281,7 +308,15 @@ def main(argv=None):
                         "one reward per response)")
     if s.data is not None and responses:
         raise UserError("--response goes with --prompt, not with --data")
+    for i, r in enumerate(responses):  # as a data file's empty response is refused
+        if not r.strip():
+            raise UserError(f"--response number {i + 1} is empty; give the response's text")
     # Messages go to stderr unless the records go to --out: stdout holds only the results.
+    # Under torchrun only rank 0 prints and writes.
+    from minirm.distributed import env_rank
+    if env_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+        s.out = None
     log = print if s.out else (lambda *a: print(*a, file=sys.stderr))
     if s.prompt is not None:
         rewards = score_responses(load_reader(s), s.prompt, responses, report=log)
