@@ -11,7 +11,10 @@ shape or a non-float dtype is an error naming the tensor. A reward head is store
 itself has no bias there and ignores `score.bias` with a warning).
 
 Saving writes into a temporary folder beside the target and renames it at the end, so an
-interrupted save never leaves a half-written model where a good one was.
+interrupted save never leaves a half-written model where a good one was. Replacing a folder takes
+two renames (old out of the way, new in); a process killed between them leaves the old one as
+`.NAME.old`, which the next load or save of NAME puts back (`recover_dir`). A write that fails
+for want of disk space is a UserError, and the previous folder stays as it was.
 """
 
 import json
@@ -25,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minirm.config import PRESETS, ModelConfig, from_hf, preset, to_hf
-from minirm.errors import UserError
+from minirm.errors import UserError, write_failure
 from minirm.model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,9 +79,13 @@ def weight_files(folder: Path) -> dict:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{index}: not a valid safetensors index ({e!r}); "
                             "re-export the checkpoint") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: 'weight_map' must map tensor names to file names; "
+                            "re-export the checkpoint")
         return {name: folder / fname for name, fname in weight_map.items()}
     if single.exists():
         with _open(single) as f:
@@ -169,6 +176,7 @@ def _read(f, path, hf_name, shape, shard=None):
 def model_folder(spec) -> Path:
     """The folder a model argument names, or a clear error when it names nothing."""
     folder = Path(spec)
+    recover_dir(folder)
     if not folder.is_dir():
         raise UserError(f"{spec}: neither a model preset ({', '.join(PRESETS)}) nor a "
                         "model folder")
@@ -267,9 +275,12 @@ def save_model(model, out, tokenizer=None, max_shard_bytes=DEFAULT_SHARD_BYTES, 
     dtypes = {t.dtype for n, t in state.items() if not n.startswith("score.")}
     dtype_name = {v: k for k, v in DTYPES.items()}.get(dtypes.pop() if dtypes else None,
                                                         "float32")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         _write_weights(tmp, state, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(to_hf(model.cfg, dtype_name), indent=2))
         if tokenizer is not None:
@@ -280,9 +291,15 @@ def save_model(model, out, tokenizer=None, max_shard_bytes=DEFAULT_SHARD_BYTES, 
             torch.save(obj, tmp / name)
         _fsync_dir(tmp)
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = write_failure(e)
+        if why is None:
+            raise
+        kept = f"the previous {out} is untouched" if out.is_dir() else "nothing was written"
+        raise UserError(f"{out}: could not save the model: {why}; {kept}. Free some disk "
+                        "space (or choose another output folder) and run again") from None
     return out
 
 
@@ -330,12 +347,53 @@ def _fsync_dir(folder: Path):
                 os.fsync(f.fileno())
 
 
+def _old_name(out: Path) -> Path:
+    return out.with_name(f".{out.name}.old")
+
+
 def replace_dir(tmp: Path, out: Path):
-    """Move the finished folder `tmp` to `out`; an old `out` is removed only after that."""
+    """Move the finished folder `tmp` to `out`; an old `out` is removed only after that.
+
+    The old folder steps aside as `.NAME.old` first: a process killed between the two renames
+    leaves no `out`, and `recover_dir` puts the old one back. After them the old folder is
+    renamed to a temporary name before it is removed, so `.NAME.old` is never half deleted.
+    """
+    recover_dir(out)
+    old = _old_name(out)
+    if old.exists():  # out is whole: an earlier replace was killed after its swap
+        shutil.rmtree(old)
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        _fsync_parent(out)
+        # Renamed before removal: a removal cut short leaves a name only a save cleans up.
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, out)
+        _fsync_parent(out)
+
+
+def recover_dir(out: Path):
+    """Undo a replace that was killed between its two renames: the old folder comes back."""
+    out = Path(out)
+    old = _old_name(out)
+    if not out.exists() and old.is_dir():
+        os.rename(old, out)
+
+
+def _fsync_parent(path: Path):
+    """Make a rename durable (a power cut after it must not bring the old name back)."""
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a platform that cannot open folders: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

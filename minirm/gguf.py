@@ -16,6 +16,7 @@ and four tensor types: F32, F16, Q8_0 and Q4_1, the ones SmolLM2's Q4_1 file use
 memory-mapped once; tensors are decoded on request, one at a time.
 """
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.dims, dtype=np.int64))
+        return math.prod(self.dims)  # Python ints: corrupt dims cannot overflow to a small size
 
     @property
     def n_bytes(self) -> int:
@@ -151,9 +152,13 @@ class GGUFFile:
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
 
         self.metadata = {}
-        for _ in range(n_kv):
-            key = cur.string()
-            self.metadata[key] = cur.value(cur.scalar("<I"))
+        try:
+            for _ in range(n_kv):
+                key = cur.string()
+                self.metadata[key] = cur.value(cur.scalar("<I"))
+        except RecursionError:  # arrays of arrays of arrays...: only a corrupt file does that
+            raise UserError(f"{self.path}: GGUF metadata nested too deeply at byte {cur.pos}; "
+                            "the file is corrupt") from None
 
         self.tensors = {}
         for _ in range(n_tensors):
@@ -162,7 +167,11 @@ class GGUFFile:
             ggml_type, offset = cur.scalar("<I"), cur.scalar("<Q")
             self.tensors[name] = TensorInfo(name, dims, ggml_type, offset)
 
-        self.alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if isinstance(self.alignment, bool) or not isinstance(self.alignment, int) or \
+                self.alignment < 1:
+            raise UserError(f"{self.path}: general.alignment {self.alignment!r:.40} is not a "
+                            "positive integer; the file is corrupt")
         self.data_start = -(-cur.pos // self.alignment) * self.alignment  # round up
         for t in self.tensors.values():
             self._check(t, size)

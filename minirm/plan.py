@@ -181,7 +181,8 @@ def main(argv=None):
     r = plan(s)
     print(report(r))
     if s.json:
-        Path(s.json).write_text(json.dumps(r, indent=2))
+        from minirm.score import write_atomic  # a bad path is one line, not a traceback
+        write_atomic(s.json, json.dumps(r, indent=2))
     return r
 
 

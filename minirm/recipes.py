@@ -10,6 +10,7 @@ Without `--data`, ToySteer is generated under OUT/data (a new folder per seed in
 """
 
 import json
+import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +38,16 @@ def parse_floats(text, flag):
         raise UserError(f"--{flag} must be comma-separated numbers, got {text!r}") from None
     if not values:
         raise UserError(f"--{flag} is empty")
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"--{flag} must be finite numbers, got {text!r}")
     return values
+
+
+def parse_seeds(text):
+    seeds = parse_floats(text, "seeds")
+    if not all(v.is_integer() and v >= 0 for v in seeds):
+        raise UserError(f"--seeds must be comma-separated non-negative integers, got {text!r}")
+    return [int(v) for v in seeds]
 
 
 def ensure_data(s, out: Path, seed: int, report):
@@ -121,7 +131,7 @@ def format_stage_table(stages):
 def paper_table(s, out: Path, grid, report):
     from minirm.train import _write_json, train_stage
 
-    seeds = [int(x) for x in parse_floats(s.seeds, "seeds")]
+    seeds = parse_seeds(s.seeds)
     results = {label: [] for label, _, _ in PAPER_ROWS}
     rewardbench = {label: [] for label, _, _ in PAPER_ROWS}
     for seed in seeds:
@@ -188,6 +198,9 @@ def format_paper_table(table):
 
 
 def run_recipe(s, out: Path, grid, report):
+    parse_floats(s.expo_alphas, "expo-alphas")  # fail now, not after hours of training
+    if s.recipe == "paper-table":
+        parse_seeds(s.seeds)
     out.mkdir(parents=True, exist_ok=True)
     if s.recipe == "helpsteer2-preference":
         return helpsteer2_preference(s, out, grid, report)

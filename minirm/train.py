@@ -202,6 +202,9 @@ def train_stage(s: TrainSettings, objective, out: Path, data, init_from=None, gr
     model, cfg = load_model(spec, dtype=dtype, device=device, n_outputs=n_outputs,
                             attention=s.attention, seed=s.seed, grid=tp_grid)
     model.activation_checkpointing = s.activation_checkpointing
+    if s.max_length is not None and s.max_length > cfg.max_seq_len:
+        raise UserError(f"--max-length {s.max_length} exceeds the model's context of "
+                        f"{cfg.max_seq_len} tokens; pass at most {cfg.max_seq_len}")
     max_len = s.max_length or min(4096, cfg.max_seq_len)
     train, val_pairs = load_stage_data(s, objective, data, report)
     if pair_kind(objective) == "rating":
@@ -333,12 +336,25 @@ def default_out(s: TrainSettings) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check(s: TrainSettings):
+    """Flag values no stage could use: refused before any model or data is loaded."""
+    from minirm.score import resolve_device
+
+    for name in ("epochs", "batch_size", "micro_batch_size", "clip", "toy_prompts"):
+        positive(name, getattr(s, name))
+    for name in ("lr", "warmup_steps", "weight_decay", "eval_every", "save_every"):
+        positive(name, getattr(s, name), allow_zero=True)
+    if s.device is not None:
+        resolve_device(s.device)  # a GPU asked for where none is visible
+
+
 @cli
 def main(argv=None):
     from minirm import distributed
     from minirm.recipes import run_recipe
 
     s = parse(TrainSettings, argv, "python -m minirm.train", __doc__.split("\n\n")[0])
+    check(s)
     if s.objective and s.recipe:
         raise UserError("give either --objective (one stage) or --recipe, not both")
     if s.objective is None and s.recipe is None:

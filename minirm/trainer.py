@@ -30,12 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minirm.checkpoint import load_weights, save_model
+from minirm.checkpoint import load_weights, recover_dir, save_model
 from minirm.errors import UserError
 
 
-class NonFiniteError(RuntimeError):
-    """A loss or gradient became NaN or infinite."""
+class NonFiniteError(UserError):
+    """A loss or gradient became NaN or infinite: the run stops with one line naming the step
+    and the batch (exit status 2), as the fix is the user's (a lower --lr, or
+    --skip-nonfinite)."""
 
 
 @dataclass
@@ -83,6 +85,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def describe_batch(indices) -> str:
+    """The global batch of a plan step, for error messages: its items' indices in the training
+    set (as encoded: rows dropped for length are not counted)."""
+    shown = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
+    return f"batch of {len(indices)} training items [{shown}]"
+
+
 class Trainer:
     def __init__(self, model, settings: OptimSettings, out, total_steps, tokenizer=None,
                  grid=None, skip_nonfinite=False, desc="train"):
@@ -96,6 +105,8 @@ class Trainer:
         self.step = 0
         self.stop_requested = False
         self.is_main = grid is None or grid.is_main
+        if self.is_main:  # a checkpoint save killed half-way is put back before any resume
+            recover_dir(self.checkpoint_dir)
 
     # ---- one optimizer step -------------------------------------------------------------
     def train_step(self, micro_batches, loss_fn, n_total, batch_desc=""):
@@ -198,13 +209,24 @@ class Trainer:
             raise UserError(f"{folder}: no training state for rank {rank} to resume from; "
                             "start a new run, or resume with the same parallel layout")
         load_weights(self.model, folder, grid=self.grid)
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        set_rng_state(state["rng"])
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated or foreign file: pickle and zip errors of all kinds
+            raise UserError(f"{path}: unreadable training state ({type(e).__name__}: "
+                            f"{str(e)[:200]}); resume from another copy or start a new "
+                            "run without --resume") from None
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = state["step"]
+            set_rng_state(state["rng"])
+            extra = state["extra"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}: the training state does not fit this run ({e!r:.200}); "
+                            "resume with the settings it was saved with, or start a new run "
+                            "without --resume") from None
         self._truncate_metrics()
-        return state["extra"]
+        return extra
 
     def _truncate_metrics(self):
         """Drop metrics lines written after the checkpoint, so a resumed log has no repeats."""
@@ -247,7 +269,7 @@ class Trainer:
                 else:
                     micro, n_total = make_micro_batches(indices)
                     metrics = self.train_step(micro, loss_fn, n_total,
-                                              batch_desc=f"batch items {indices[:8]}...")
+                                              batch_desc=describe_batch(indices))
                 record = {"step": self.step, **metrics,
                           "step_time": round(time.perf_counter() - t0, 4)}
                 last = self.step == len(plan)

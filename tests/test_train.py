@@ -24,7 +24,7 @@ def toy_data(tmp_path_factory):
 
 def run(out, data, *extra):
     args = ["--model", "debug", "--data", str(data), "--out", str(out), "--batch-size", "8",
-            "--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "3", "--save-every", "2",
+            "--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "3", "--save-every", "4",
             "--max-length", "128", *extra]
     main(args)
 
@@ -45,7 +45,7 @@ def test_golden_losses(tmp_path, toy_data):
 
 
 def test_resume_gives_the_same_losses(tmp_path, toy_data, monkeypatch):
-    run(tmp_path / "full", toy_data, "--objective", "helpfulness", "--epochs", "2")
+    run(tmp_path / "full", toy_data, "--objective", "helpfulness", "--epochs", "1")
     full = losses_of(tmp_path / "full")
 
     step = Trainer.train_step
@@ -58,12 +58,12 @@ def test_resume_gives_the_same_losses(tmp_path, toy_data, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", interrupted)
     with pytest.raises(SystemExit) as stop:
-        run(tmp_path / "cut", toy_data, "--objective", "helpfulness", "--epochs", "2")
+        run(tmp_path / "cut", toy_data, "--objective", "helpfulness", "--epochs", "1")
     assert stop.value.code == 130
     assert (tmp_path / "cut" / "checkpoint" / "trainer_state_rank0.pt").exists()
     assert not (tmp_path / "cut" / "model").exists()
     monkeypatch.setattr(Trainer, "train_step", step)
-    run(tmp_path / "cut", toy_data, "--objective", "helpfulness", "--epochs", "2", "--resume")
+    run(tmp_path / "cut", toy_data, "--objective", "helpfulness", "--epochs", "1", "--resume")
     assert losses_of(tmp_path / "cut") == full  # bit for bit
     a, _ = load_model(tmp_path / "full" / "model")
     b, _ = load_model(tmp_path / "cut" / "model")
@@ -72,12 +72,12 @@ def test_resume_gives_the_same_losses(tmp_path, toy_data, monkeypatch):
 
 
 def test_init_from_keeps_the_regression_head(tmp_path, toy_data):
-    run(tmp_path / "reg", toy_data, "--objective", "regression", "--epochs", "1")
+    run(tmp_path / "reg", toy_data, "--objective", "regression", "--epochs", "0.3")
     reg, cfg = load_model(tmp_path / "reg" / "model")
     assert cfg.n_outputs == 5
     # zero steps of BT would leave it unchanged; check the head is loaded, not re-initialised,
     # by training with lr 0.
-    run(tmp_path / "bt", toy_data, "--objective", "bt", "--epochs", "1", "--lr", "0",
+    run(tmp_path / "bt", toy_data, "--objective", "bt", "--epochs", "0.5", "--lr", "0",
         "--init-from", str(tmp_path / "reg" / "model"))
     bt, cfg = load_model(tmp_path / "bt" / "model")
     assert cfg.n_outputs == 5
