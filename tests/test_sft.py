@@ -1,0 +1,120 @@
+"""Supervised fine-tuning: the loss masks the prompt (by hand), runs on chat JSONL and on
+ToySteer, and bad rows are one-line errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from minirm import sft
+from minirm.checkpoint import load_model
+from minirm.data import Encoded
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on cores shared with other jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_response_mask_by_hand():
+    # Row 0: 5 tokens, response from index 3; row 1: 4 tokens (then padding), response from 2.
+    # Column t is the target token t + 1.
+    got = sft.response_mask([3, 2], [5, 4], T=5)
+    assert got.tolist() == [[False, False, True, True],
+                            [False, True, True, False]]
+
+
+class FixedLogits(torch.nn.Module):
+    """A "model" whose next-token distribution at each position is given."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(probs).log()[None])
+
+    def forward(self, tokens, mask=None):
+        return self.logits
+
+
+def test_loss_masks_prompt_tokens_by_hand():
+    # <bos>=0, prompt 1 2, response 3 1 (the last is its end token); vocabulary of 4.
+    seq = Encoded(ids=[0, 1, 2, 3, 1], start=3)
+    probs = [[0.97, 0.01, 0.01, 0.01],   # t=0 -> target 1 (prompt): p = 0.01, not counted
+             [0.97, 0.01, 0.01, 0.01],   # t=1 -> target 2 (prompt): p = 0.01, not counted
+             [0.20, 0.10, 0.20, 0.50],   # t=2 -> target 3 (response): p = 0.5
+             [0.25, 0.25, 0.25, 0.25],   # t=3 -> target 1 (response end): p = 0.25
+             [0.97, 0.01, 0.01, 0.01]]   # t=4: nothing follows
+    loss, n = sft.sft_loss(FixedLogits(probs), [seq], pad_id=0)
+    assert n == 2
+    assert loss.item() == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2, rel=1e-6)
+
+
+def test_gradient_never_reaches_prompt_predictions():
+    seq = Encoded(ids=[0, 1, 2, 3, 1], start=3)
+    model = FixedLogits([[0.25] * 4] * 5)
+    loss, _ = sft.sft_loss(model, [seq], pad_id=0)
+    loss.backward()
+    grad = model.logits.grad[0].abs().sum(-1)
+    assert grad[:2].tolist() == [0.0, 0.0] and grad[4].item() == 0.0
+    assert grad[2].item() > 0 and grad[3].item() > 0
+
+
+def write_chats(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+CHATS = [
+    {"messages": [{"role": "user", "content": "Copy: abc"},
+                  {"role": "assistant", "content": "abc"}]},
+    {"prompt": "Copy: xyz", "response": "xyz"},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+     "response": "Hello."},
+] * 6
+
+
+def test_finetune_on_chat_jsonl_then_again_from_the_folder(tmp_path):
+    data = write_chats(tmp_path / "chats.jsonl", CHATS)
+    out = tmp_path / "run"
+    sft.main(["--model", "debug", "--data", data, "--out", str(out), "--epochs", "4",
+              "--batch-size", "6", "--lr", "1e-2", "--warmup-steps", "1", "--eval-every", "0"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    assert json.loads((out / "config.json").read_text())["resolved"]["steps"] == 12
+    model, cfg = load_model(out / "model")
+    assert cfg.n_outputs == 0
+    # A folder is fine-tuned with the fine-tuning defaults (lr 1e-5), here for one step.
+    sft.main(["--model", str(out / "model"), "--data", data, "--val", data, "--out",
+              str(tmp_path / "again"), "--batch-size", "18"])
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["resolved"]
+    assert again["lr"] == 1e-5 and again["steps"] == 1
+    assert "val_loss" in json.loads((tmp_path / "again" / "metrics.jsonl").read_text())
+
+
+def test_toysteer_default_path(tmp_path, capsys):
+    sft.main(["--model", "debug", "--toy-prompts", "40", "--epochs", "1", "--out",
+              str(tmp_path)])
+    assert (tmp_path / "data" / "train.jsonl.gz").exists()
+    assert (tmp_path / "model" / "config.json").exists()
+    text = capsys.readouterr().out
+    assert "encoded 80 conversations" in text          # both rows of every prompt
+    assert "greedy: true task score" in text and "sampled (T=1): true task score" in text
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "must end with the assistant's"),
+    ({"prompt": "Hi"}, "field 'response' is missing"),
+    ({"text": "Hi"}, "field 'messages' is missing"),
+    ({"messages": [{"role": "bot", "content": "Hi"}]}, "must be a message with a role"),
+])
+def test_bad_rows_are_one_line_and_status_2(tmp_path, capsys, row, match):
+    data = write_chats(tmp_path / "bad.jsonl", [CHATS[0], row])
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--model", "debug", "--data", data, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and "line 2" in err[0], err
