@@ -1,0 +1,471 @@
+"""Benchmarks: minirm beside Hugging Face `transformers`, and both beside the machine's limits.
+
+    python -m minirm.bench [--cases train,score,generate,attention] [--repeats 5] [--json PATH]
+
+Every case runs minirm and its `transformers` equivalent in this one process, at the same shapes,
+in float32, on the same torch threads. Each is called once to warm up, then the two are timed in
+turns (minirm, transformers, minirm, ...) so that load from other jobs falls on both alike, and
+the median of `--repeats` calls is reported with ratio = minirm / transformers. Without
+`transformers` installed its column stays empty. Weights are random (seeded) and copied from the
+minirm model into the `transformers` one through the checkpoint name map, so both compute the
+same numbers (the scoring case checks that they do).
+
+Cases, on the `smollm2-135m` shape (`--quick`: the `debug` preset and tiny sizes, for the tests):
+- `train`: one reward-model step, forward + backward + gradient clipping + AdamW, on 8 x 256
+  tokens (4 pairs, Bradley-Terry loss), against LlamaForSequenceClassification(sdpa). Tokens/s,
+  and FLOP/s from `ModelConfig.flops_per_token` (6N + attention, as nanoGPT's MFU).
+- `score`: rewards of 32 sequences of 32..256 tokens in batches of 16 under inference mode.
+  minirm sorts them by length (`scoring.score_sequences`); transformers gets right-padded batches
+  in input order, as a pipeline does. Sequences/s.
+- `generate`: 64 new tokens sampled at temperature 1 (no top-k / top-p, no stop id) after a
+  32-token prompt (batch 1) or 8 left-padded prompts of 24..40 tokens, against
+  `generate(do_sample=True)`. New tokens/s, prefill included.
+- `attention`: the three backends, forward + backward, causal, B = 1 with smollm2's heads (9
+  query, 3 key/value, head_dim 64) in the model's (B, T, H, D) layout, at 512, 2048 and 4096
+  tokens, against transformers' `sdpa_attention_forward`. Time, and peak memory: the most bytes
+  allocated and not yet freed at any moment of one call, summed over the profiler's allocation
+  events (`profile_memory=True`); inputs are not counted, the output and gradients are.
+
+The machine's limits are measured first, in the same run: float32 matmul FLOP/s (n x n by n x n)
+and memory bandwidth (bytes of an n x n matrix read by one matrix-vector product: the access
+pattern of batch-1 decoding, through the same BLAS). `fraction_of_limit` is, for training, its
+FLOP/s over the matmul FLOP/s (model FLOP utilisation), and for batch-1 decoding, the bytes of
+weights read per second (every weight once per new token) over the bandwidth.
+
+What it simplifies: wall-clock time on the CPU (no CUDA events); one process and its threads; a
+median, not a confidence interval (the spread of repeats is not reported).
+"""
+
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from minirm.cliargs import opt
+from minirm.errors import UserError, cli
+
+CASES = ("train", "score", "generate", "attention")
+
+
+@dataclass
+class BenchSettings:
+    cases: str = opt(",".join(CASES), "comma-separated cases to run, of " + ", ".join(CASES))
+    repeats: int = opt(5, "timed calls per case and library; the median is reported")
+    quick: bool = opt(False, "tiny shapes (the debug preset): seconds instead of minutes, for tests")
+    json: str = opt(None, "also write the results to this JSON file")
+    threads: int = opt(None, "torch threads for both libraries, unset: torch's default")
+
+
+@dataclass
+class Shapes:
+    preset: str
+    train: tuple = (8, 256)               # batch, tokens
+    score: tuple = (32, 32, 256, 16)      # sequences, shortest, longest, batch size
+    prompt: int = 32                      # generation prompt tokens (batch 1; batch 8 varies)
+    new_tokens: int = 64
+    gen_batches: tuple = (1, 8)
+    heads: tuple = (9, 3, 64)             # attention: query heads, kv heads, head_dim
+    attn_lens: tuple = (512, 2048, 4096)
+    matmul_n: int = 2048                  # limits: n x n float32 matmul
+    matvec_n: int = 8192                  # limits: n x n float32 matrix (256 MiB) times a vector
+
+
+FULL = Shapes("smollm2-135m")
+QUICK = Shapes("debug", train=(2, 16), score=(4, 4, 16, 2), prompt=4, new_tokens=4,
+               gen_batches=(1, 2), heads=(4, 2, 8), attn_lens=(32, 64), matmul_n=128,
+               matvec_n=256)
+
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    minirm: float
+    transformers: float | None = None
+    ratio: float | None = None            # minirm / transformers
+    fraction_of_limit: float | None = None
+    note: str = ""
+
+
+def row(name, unit, ours, theirs=None, fraction=None, note=""):
+    ratio = ours / theirs if theirs else None
+    return Row(name, unit, ours, theirs, ratio, fraction, note)
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+def timed(ours, theirs=None, repeats=5):
+    """Median seconds of `ours()` and `theirs()`: one warm-up call each, then timed in turns."""
+    fns = [f for f in (ours, theirs) if f is not None]
+    for f in fns:
+        f()
+    times = [[] for _ in fns]
+    gc.collect()
+    gc.disable()  # no collection pauses inside a timed call (a full one takes ~0.1-1 s here)
+    try:
+        for _ in range(repeats):
+            for t, f in zip(times, fns):
+                t0 = time.perf_counter()
+                f()
+                t.append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
+    medians = [statistics.median(t) for t in times]
+    return medians[0], (medians[1] if theirs is not None else None)
+
+
+def peak_bytes(fn):
+    """Most bytes held at once by what `fn()` allocates (CPU): a running sum of the profiler's
+    allocation (+) and free (-) events, in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # else each profile prints two USDT lines
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    held = peak = 0
+    for _, n in events:
+        held += n
+        peak = max(peak, held)
+    return peak
+
+
+def measure_limits(sh: Shapes, repeats: int) -> dict:
+    """float32 matmul FLOP/s and memory bandwidth (bytes/s) of this machine and thread count."""
+    n = sh.matmul_n
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t, _ = timed(lambda: a @ b, repeats=repeats)
+    matmul = 2 * n ** 3 / t
+    m = torch.randn(sh.matvec_n, sh.matvec_n)  # far larger than the caches: read from memory
+    x = torch.randn(sh.matvec_n)
+    t, _ = timed(lambda: torch.mv(m, x), repeats=max(repeats, 10))
+    return {"matmul_flops": matmul, "bandwidth_bytes_per_s": m.numel() * m.element_size() / t}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    tf = _transformers()
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": tf.__version__ if tf else None,
+            "python": platform.python_version(), "load_average": list(os.getloadavg())}
+
+
+# ---------------------------------------------------------------------------- the twin models
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        return None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def hf_twin(tf, model, cls_name):
+    """The `transformers` model of the same config, with minirm's weights, SDPA attention."""
+    from minirm.checkpoint import name_map
+    from minirm.config import to_hf
+
+    hf_cfg = to_hf(model.cfg)
+    hf_cfg.pop("torch_dtype")
+    hf = getattr(tf, cls_name)._from_config(tf.LlamaConfig(**hf_cfg), attn_implementation="sdpa",
+                                            dtype=torch.float32)
+    ours = model.state_dict()
+    wanted = hf.state_dict()
+    state = {hf_name: ours[name] for hf_name, name in name_map(model.cfg).items()
+             if hf_name in wanted}
+    missing, _ = hf.load_state_dict(state, strict=False)
+    assert set(missing) <= {"lm_head.weight"}, f"weights not copied to transformers: {missing}"
+    return hf
+
+
+def random_tokens(cfg, n, length, gen):
+    """Ids from 3 up that are never the pad id (transformers looks for it to find the last
+    token): draw from one id fewer and step over the pad id."""
+    t = torch.randint(3, cfg.vocab_size - 1, (n, length), generator=gen)
+    return t + (t >= cfg.pad_id).long()
+
+
+# ---------------------------------------------------------------------------------------- cases
+
+def case_train(sh, tf, limits, repeats):
+    from minirm.config import preset
+    from minirm.losses import bradley_terry
+    from minirm.model import Transformer
+    from minirm.trainer import param_groups
+
+    cfg = preset(sh.preset, n_outputs=1)
+    B, T = sh.train
+    tokens = random_tokens(cfg, B, T, torch.Generator().manual_seed(0))
+    mask = torch.ones(B, T, dtype=torch.bool)  # what collate gives an unpadded batch
+
+    def stepper(model, rewards):
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-5, betas=(0.9, 0.98))
+
+        def step():  # as Trainer.update: zero, forward, backward, clip, AdamW
+            opt.zero_grad(set_to_none=True)
+            r = rewards()
+            bradley_terry(r[0::2] - r[1::2]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        return step
+
+    model = Transformer(cfg).init_weights(seed=0).train()
+    ours = stepper(model, lambda: model.reward(tokens, mask)[:, 0])
+    theirs = None
+    if tf:
+        hf = hf_twin(tf, model, "LlamaForSequenceClassification").train()
+        theirs = stepper(hf, lambda: hf(input_ids=tokens, attention_mask=mask).logits[:, 0])
+    t_ours, t_theirs = timed(ours, theirs, repeats)
+    flops = cfg.flops_per_token(T) * B * T
+    limit = limits["matmul_flops"]
+    tps = [None if t is None else B * T / t for t in (t_ours, t_theirs)]
+    fps = [None if t is None else flops / t for t in (t_ours, t_theirs)]
+    note = f"{B}x{T} tokens, {cfg.flops_per_token(T) / 1e9:.2f} GFLOP/token"
+    if fps[1]:
+        note += f"; transformers at {fps[1] / limit:.0%} of matmul"
+    return [row("train", "tokens/s", tps[0], tps[1], fps[0] / limit, note),
+            row("train FLOP/s", "FLOP/s", fps[0], fps[1], fps[0] / limit, "6N + attention")]
+
+
+def case_score(sh, tf, limits, repeats):
+    from minirm.config import preset
+    from minirm.data import collate
+    from minirm.model import Transformer
+    from minirm.scoring import score_sequences
+
+    cfg = preset(sh.preset, n_outputs=1)
+    n, lo, hi, bs = sh.score
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+    seqs = [random_tokens(cfg, 1, L, gen)[0].tolist() for L in lengths]
+    model = Transformer(cfg).init_weights(seed=0).eval()
+
+    def ours():
+        return score_sequences(model, seqs, cfg.pad_id, batch_size=bs)[:, 0]
+
+    theirs, note = None, f"{n} sequences of {lo}..{hi} tokens, batches of {bs}"
+    if tf:
+        hf = hf_twin(tf, model, "LlamaForSequenceClassification").eval()
+
+        @torch.inference_mode()
+        def theirs():
+            out = []
+            for i in range(0, n, bs):  # input order, right padding
+                tokens, mask = collate(seqs[i:i + bs], cfg.pad_id)
+                out.append(hf(input_ids=tokens, attention_mask=mask).logits[:, 0])
+            return torch.cat(out)
+        same = torch.allclose(ours(), theirs(), rtol=1e-3, atol=1e-4)
+        note += "; rewards agree" if same else "; REWARDS DIFFER from transformers"
+    t_ours, t_theirs = timed(ours, theirs, repeats)
+    return [row("score", "sequences/s", n / t_ours, t_theirs and n / t_theirs, None, note)]
+
+
+def case_generate(sh, tf, limits, repeats):
+    from minirm.config import preset
+    from minirm.generate import generate, left_pad
+    from minirm.model import Transformer
+
+    cfg = preset(sh.preset)
+    model = Transformer(cfg).init_weights(seed=0).eval()
+    hf = None
+    if tf:
+        hf = hf_twin(tf, model, "LlamaForCausalLM").eval()
+        hf.generation_config.eos_token_id = None  # never stop early: always new_tokens tokens
+    # Batch-1 decoding reads every weight once per token; a tied head reads the embedding.
+    weight_bytes = 4 * (cfg.n_params(include_embedding=False)
+                        + (cfg.vocab_size * cfg.dim if cfg.tie_embeddings else 0))
+    rows, N, P = [], sh.new_tokens, sh.prompt
+    for B in sh.gen_batches:
+        gen = torch.Generator().manual_seed(2)
+        lengths = [P] if B == 1 else torch.randint(P * 3 // 4, P * 5 // 4 + 1, (B,),
+                                                   generator=gen).tolist()
+        prompts = [random_tokens(cfg, 1, L, gen)[0].tolist() for L in lengths]
+
+        def ours():
+            out = generate(model, prompts, N, temperature=1.0, pad_id=cfg.pad_id, generator=gen)
+            assert out.tokens.shape == (B, N)
+
+        theirs = None
+        if hf is not None:
+            tokens, mask = left_pad(prompts, cfg.pad_id)
+
+            def theirs():
+                out = hf.generate(input_ids=tokens, attention_mask=mask, do_sample=True,
+                                  max_new_tokens=N, temperature=1.0, top_k=0, top_p=1.0,
+                                  pad_token_id=cfg.pad_id)
+                assert out.shape == (B, tokens.shape[1] + N)
+        t_ours, t_theirs = timed(ours, theirs, repeats)
+        tps = [None if t is None else B * N / t for t in (t_ours, t_theirs)]
+        fraction, note = None, f"{N} new tokens after {min(lengths)}..{max(lengths)}"
+        if B == 1:
+            fraction = weight_bytes * tps[0] / limits["bandwidth_bytes_per_s"]
+            note += f"; {weight_bytes / 2**20:.0f} MiB of weights a token"
+            if tps[1]:
+                note += (f"; transformers at "
+                         f"{weight_bytes * tps[1] / limits['bandwidth_bytes_per_s']:.0%}")
+        rows.append(row(f"generate batch {B}", "new tokens/s", tps[0], tps[1], fraction, note))
+    return rows
+
+
+def case_attention(sh, tf, limits, repeats):
+    from minirm.attention import BACKENDS, attention
+
+    Hq, Hkv, D = sh.heads
+    hf_sdpa = None
+    if tf:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        gqa = torch.nn.Module()  # what sdpa_attention_forward reads from the attention module
+        gqa.num_key_value_groups, gqa.is_causal = Hq // Hkv, True
+
+        def hf_sdpa(q, k, v):
+            return sdpa_attention_forward(gqa, q, k, v, None, scaling=D ** -0.5)[0].transpose(1, 2)
+    rows = []
+    for T in sh.attn_lens:
+        g = torch.Generator().manual_seed(T)
+        # The model's layout: (B, T, H, D) projections seen as (B, H, T, D).
+        q, dout = (torch.randn(1, T, Hq, D, generator=g).transpose(1, 2) for _ in range(2))
+        k, v = (torch.randn(1, T, Hkv, D, generator=g).transpose(1, 2) for _ in range(2))
+
+        def fwd_bwd(f):
+            def run():
+                q_, k_, v_ = (x.detach().requires_grad_() for x in (q, k, v))
+                f(q_, k_, v_).backward(dout)
+                return q_.grad, k_.grad, v_.grad
+            return run
+
+        theirs = fwd_bwd(hf_sdpa) if hf_sdpa else None
+        mem_theirs = peak_bytes(theirs) if theirs else None
+        for backend in BACKENDS:  # transformers timed again beside each, in turns
+            ours = fwd_bwd(lambda q, k, v: attention(q, k, v, None, backend=backend, block=64))
+            mem_ours = peak_bytes(ours)
+            t_ours, t_theirs = timed(ours, theirs, repeats)
+            name = f"attention {backend} T={T}"
+            rows.append(row(name, "ms fwd+bwd", 1e3 * t_ours, t_theirs and 1e3 * t_theirs,
+                            note="transformers column: its sdpa_attention_forward"))
+            rows.append(row(name + " memory", "MiB peak", mem_ours / 2**20,
+                            mem_theirs and mem_theirs / 2**20))
+    return rows
+
+
+RUNNERS = {"train": case_train, "score": case_score, "generate": case_generate,
+           "attention": case_attention}
+
+
+# --------------------------------------------------------------------------------------- output
+
+def _num(x):
+    if x is None:
+        return "-"
+    if abs(x) >= 1e6:
+        return f"{x:.3g}"
+    return f"{x:,.1f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
+def format_table(result) -> str:
+    m, lim = result["machine"], result["limits"]
+    lines = [f"machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads']} torch "
+             f"threads, torch {m['torch']}, transformers {m['transformers'] or 'not installed'}",
+             f"load average (1, 5, 15 min) at start: "
+             + ", ".join(f"{x:.2f}" for x in m["load_average"])
+             + f"; at end: " + ", ".join(f"{x:.2f}" for x in m["load_average_end"]),
+             f"limits: float32 matmul {lim['matmul_flops'] / 1e9:.1f} GFLOP/s, memory bandwidth "
+             f"{lim['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", ""]
+    head = ("case", "unit", "minirm", "transformers", "ratio", "of limit", "note")
+    body = [(c["name"], c["unit"], _num(c["minirm"]), _num(c["transformers"]),
+             "-" if c["ratio"] is None else f"{c['ratio']:.2f}",
+             "-" if c["fraction_of_limit"] is None else f"{c['fraction_of_limit']:.0%}",
+             c["note"]) for c in result["cases"]]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    fmt = lambda r: " | ".join(s.ljust(w) for s, w in zip(r, widths)).rstrip()
+    lines += [fmt(head), "-+-".join("-" * w for w in widths), *map(fmt, body)]
+    lines.append("ratio = minirm / transformers: above 1 is better for rates, below 1 for ms "
+                 "and MiB")
+    return "\n".join(lines)
+
+
+def run(s: BenchSettings, progress=False) -> dict:
+    selected = [c.strip() for c in s.cases.split(",") if c.strip()]
+    unknown = [c for c in selected if c not in CASES]
+    if unknown or not selected:
+        raise UserError(f"--cases {s.cases!r}: unknown case {unknown[0] if unknown else ''!r}; "
+                        f"choose from {', '.join(CASES)}")
+    if s.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {s.repeats}")
+    if s.threads is not None and s.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {s.threads}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s.threads or threads)
+    try:
+        return _run(s, selected, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(s, selected, progress):
+    sh = QUICK if s.quick else FULL
+    tf = _transformers()
+    t0 = time.perf_counter()
+    result = {"machine": machine(), "settings": asdict(s)}
+    limits = measure_limits(sh, s.repeats)
+    result["limits"] = limits
+    cases = selected
+    if progress:
+        from tqdm import tqdm
+        cases = tqdm(selected, desc="bench", unit="case", leave=False)
+    rows = []
+    for name in cases:
+        if progress:
+            cases.set_postfix(case=name)
+        rows += RUNNERS[name](sh, tf, limits, s.repeats)
+        gc.collect()
+    result["cases"] = [asdict(r) for r in rows]
+    result["machine"]["load_average_end"] = list(os.getloadavg())
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+@cli
+def main(argv=None):
+    from minirm.cliargs import describe, parse
+
+    s = parse(BenchSettings, argv, "python -m minirm.bench",
+              "Speed of minirm against Hugging Face transformers and the machine's limits.")
+    print("bench: " + json.dumps(json.loads(describe(s))))
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    print(f"torch threads: {s.threads or torch.get_num_threads()}; load average {load:.2f} on {cores} cores"
+          + ("  (HIGH: other jobs are running, timings are noisy)" if load > 0.5 * cores else ""))
+    if _transformers() is None:
+        print("transformers is not installed: its column stays empty")
+    result = run(s, progress=sys.stderr.isatty())
+    print(format_table(result))
+    print(f"bench took {result['seconds']:.0f} s")
+    if s.json:
+        tmp = f"{s.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, s.json)
+        print(f"wrote {s.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The benchmark runs on tiny shapes and writes its JSON. No timing is checked: machines are
+noisy, so speed lives in `python -m minirm.bench`, never in pass/fail tests."""
+
+import json
+
+import pytest
+import torch
+
+from minirm import bench
+
+CASE_KEYS = {"name", "unit", "minirm", "transformers", "ratio", "fraction_of_limit"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    threads = torch.get_num_threads()
+    bench.main(["--quick", "--repeats", "1", "--threads", "1", "--json", str(path)])
+    assert torch.get_num_threads() == threads  # --threads is undone afterwards
+    return json.loads(path.read_text())
+
+
+def test_json_structure(quick):
+    assert {"machine", "limits", "cases"} <= set(quick)
+    assert quick["machine"]["threads"] == 1 and quick["machine"]["cpu"]
+    assert set(quick["limits"]) == {"matmul_flops", "bandwidth_bytes_per_s"}
+    assert all(v > 0 for v in quick["limits"].values())
+    names = [c["name"] for c in quick["cases"]]
+    for prefix in ("train", "score", "generate batch 1", "generate batch 2",
+                   "attention reference", "attention flash", "attention sdpa"):
+        assert any(n.startswith(prefix) for n in names), (prefix, names)
+    assert len(names) == len(set(names))
+
+
+def test_numbers_are_positive(quick):
+    has_hf = quick["machine"]["transformers"] is not None
+    for case in quick["cases"]:
+        assert CASE_KEYS <= set(case), case
+        assert case["minirm"] > 0, case
+        if has_hf:
+            assert case["transformers"] > 0 and case["ratio"] > 0, case
+            assert case["ratio"] == pytest.approx(case["minirm"] / case["transformers"])
+        else:
+            assert case["transformers"] is None and case["ratio"] is None, case
+        if case["fraction_of_limit"] is not None:
+            assert case["fraction_of_limit"] > 0, case
+    fractions = {c["name"]: c["fraction_of_limit"] for c in quick["cases"]}
+    assert fractions["train"] and fractions["generate batch 1"]
+
+
+def test_without_transformers_the_column_is_empty(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "_transformers", lambda: None)
+    result = bench.run(bench.BenchSettings(cases="score", quick=True, repeats=1, threads=1))
+    (case,) = result["cases"]
+    assert case["minirm"] > 0 and case["transformers"] is None and case["ratio"] is None
+
+
+def test_table_names_every_case(quick):
+    table = bench.format_table(quick)
+    assert "load average" in table and "matmul" in table
+    for case in quick["cases"]:
+        assert case["name"] in table
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--cases", "train,warp"], "unknown case 'warp'"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--quick", "--threads", "0"], "--threads must be at least 1"),
+])
+def test_bad_flags_are_one_line_and_status_2(capsys, argv, match):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
