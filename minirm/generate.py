@@ -14,13 +14,13 @@ with no filtering, where these are exactly log pi(y_t).
         --prompt "What is the capital of France?"
 """
 
-import argparse
+import math
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from minirm.errors import UserError, cli
+from minirm.errors import ArgumentParser, UserError, cli
 from minirm.model import KVCache
 
 
@@ -118,8 +118,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m minirm.generate",
-                                description="Generate a response from a model folder.")
+    p = ArgumentParser(prog="python -m minirm.generate",
+                       description="Generate a response from a model folder.")
     p.add_argument("--model", required=True, help="model folder (Hugging Face layout) or preset")
     p.add_argument("--prompt", required=True, help="sent as a user message via the chat format")
     p.add_argument("--raw", action="store_true", help="send --prompt as it is, no chat format")
@@ -140,6 +140,10 @@ def build_parser():
 def check_sampling_args(args):
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    for name in ("temperature", "top_p"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
@@ -164,6 +168,10 @@ def main(argv=None):
     tok = load_tokenizer(args.model, chat_format=args.chat_format)
     model, cfg = load_model(args.model, dtype=dtype, device=device, grid=grid)
     model.eval()
+    if cfg.n_outputs:
+        raise UserError(f"{args.model}: a reward model (it has a {cfg.n_outputs}-output reward "
+                        "head and no language-model head) cannot generate; pass a language "
+                        "model, or score text with python -m minirm.score")
     if args.raw:
         ids = tok.encode(args.prompt)
     else:
