@@ -50,10 +50,12 @@ from minirm.trainer import OptimSettings, Trainer
 
 KL_ESTIMATORS = ("abs", "k1", "k3")
 # METHOD.md 7: P = 32 prompts, k = 4, temperature 1, 2048 new tokens, beta 0.01, lr 1e-6,
-# 4 optimizer steps per rollout batch. The toy policy is trained from scratch and tiny: it
-# needs larger steps, and its answers are short.
+# 4 optimizer steps per rollout batch (the number of steps is ours). The toy policy is tiny and
+# trained from scratch: it needs larger steps, and its answers are short. Past about 30 such
+# steps it finds what the toy reward model misjudges (bytes it never saw in training): reward
+# hacking, the reward still rising while the task score falls and responses stop ending.
 PAPER = dict(prompts_per_step=32, max_new_tokens=2048, lr=1e-6, steps=100)
-TOY = dict(prompts_per_step=16, max_new_tokens=64, lr=1e-4, steps=60)
+TOY = dict(prompts_per_step=32, max_new_tokens=64, lr=5e-5, steps=25)
 TOY_POLICY, TOY_REWARD_MODEL = Path("weights/toy-sft-policy"), Path("weights/toy-reward-model")
 
 
@@ -73,13 +75,13 @@ class ReinforceSettings:
     kl_estimator: str = opt("abs", "abs: mean |log pi - log pi_ref| (the paper's); k1: mean "
                             "log ratio; k3: mean (r - 1 - log r), r = pi_ref / pi",
                             choices=KL_ESTIMATORS)
-    prompts_per_step: int = opt(None, "P, prompts per rollout batch (paper 32, toy 16)")
+    prompts_per_step: int = opt(None, "P, prompts per rollout batch (METHOD.md 7.1: 32)")
     optimizer_steps: int = opt(4, "optimizer steps per rollout batch (METHOD.md 7.7)")
     micro_batch_size: int = opt(None, "sequences per forward pass (default: a whole batch)")
-    lr: float = opt(None, "learning rate, constant (paper 1e-6, toy 1e-4)")
+    lr: float = opt(None, "learning rate, constant (paper 1e-6, toy 5e-5)")
     weight_decay: float = opt(0.01, "AdamW weight decay (METHOD.md 7)")
     clip: float = opt(1.0, "gradient clipping norm (METHOD.md 7)")
-    steps: int = opt(None, "rollout batches (paper default 100, toy 60)")
+    steps: int = opt(None, "rollout batches (default 100, toy 25)")
     hparams: str = opt("auto", "defaults: paper (METHOD.md 7) or toy; auto = toy for a "
                        "byte-level (toy) policy", choices=("auto", "paper", "toy"))
     reward: str = opt("head", "'head', or 'token0' for a released-style model (METHOD.md 9)",
@@ -486,10 +488,11 @@ def main(argv=None):
             from minirm import toysteer
             from minirm.sft import sample_report
             held_out = toysteer.sample_prompts(200, seed=10_000 + s.seed)
-            before = sample_report(reference, tok, held_out, 0.0, s.max_new_tokens)[0]
-            after = sample_report(policy, tok, held_out, 0.0, s.max_new_tokens)[0]
-            print(f"greedy true task score on 200 held-out prompts: {before:.3f} (SFT policy) "
-                  f"-> {after:.3f} (after REINFORCE)")
+            for name, temp in (("sampled (T=1)", 1.0), ("greedy", 0.0)):
+                before, after = (sample_report(m, tok, held_out, temp, s.max_new_tokens,
+                                               seed=s.seed)[0] for m in (reference, policy))
+                print(f"{name}: true task score on 200 held-out prompts {before:.3f} (SFT "
+                      f"policy) -> {after:.3f} (after REINFORCE)")
     finally:
         distributed.destroy(grid)
 
