@@ -45,7 +45,7 @@ from minirm.checkpoint import load_model, load_tokenizer, save_model
 from minirm.cliargs import describe, opt, parse, positive, save_settings
 from minirm.config import PRESETS, from_hf
 from minirm.errors import UserError, cli
-from minirm.sft import response_mask, token_logprobs
+from minirm.sft import response_mask, tiny_model_threads, token_logprobs
 from minirm.trainer import OptimSettings, Trainer
 
 KL_ESTIMATORS = ("abs", "k1", "k3")
@@ -382,7 +382,7 @@ def table_row(step, m):
 
 
 def run(s: ReinforceSettings, out: Path, grid=None, report=print):
-    """Train the policy with REINFORCE; returns (policy, tokenizer, resolved settings)."""
+    """Train the policy with REINFORCE; returns (policy, reference, tokenizer, settings)."""
     from minirm.distributed import device_for
     from minirm.tokenizer import chat_prompt
 
@@ -414,9 +414,16 @@ def run(s: ReinforceSettings, out: Path, grid=None, report=print):
                               grid=tp_grid)
     reference.eval().requires_grad_(False)
     rl = Reinforce(policy, reference, tok, reader, s, tp_grid)
-    report(f"policy {policy_spec}, reward model {rm_spec} ("
-           f"{'same tokenizer: generated ids scored as they are' if rl.same_tokenizer else 're-encoded in its chat format'}), "
-           f"{len(prompts)} prompts{' (ToySteer: task score on)' if judge else ''}")
+    longest = max(len(tok.encode_chat(p, add_generation_prompt=True).ids) for p in prompts)
+    limit = min(cfg.max_seq_len, reader.max_length if rl.same_tokenizer else cfg.max_seq_len)
+    if longest + s.max_new_tokens > limit:
+        raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens "
+                        f"{s.max_new_tokens} exceed the context of {limit} tokens; lower "
+                        "--max-new-tokens or shorten the prompts")
+    scoring = ("same tokenizer and chat format: the generated ids are scored" if
+               rl.same_tokenizer else "responses re-encoded in its own chat format")
+    report(f"policy {policy_spec}, reward model {rm_spec} ({scoring}), {len(prompts)} prompts"
+           f"{' (ToySteer: task score on)' if judge else ''}")
     plan = prompt_plan(len(prompts), s.prompts_per_step, s.steps, s.seed)
     settings = OptimSettings(lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98),
                              warmup_steps=0, schedule="constant", clip=s.clip)  # METHOD.md 7
@@ -474,6 +481,7 @@ def main(argv=None):
 
     s = parse(ReinforceSettings, argv, "python -m minirm.reinforce", __doc__.split("\n\n")[0])
     check(s)
+    tiny_model_threads(s.policy or "toy", s.device)  # no --policy: the toy pipeline
     grid = distributed.init(tp=s.tp)
     try:
         if grid.world > 1 and grid.dp_size != 1:
@@ -481,7 +489,7 @@ def main(argv=None):
                             f"{grid.world} for {grid.world} processes")
         if s.out is None and grid.world > 1:
             raise UserError("pass --out under torchrun, so every rank writes the same run")
-        out = Path(s.out) if s.out else Path("runs") / f"reinforce-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path(s.out or f"runs/reinforce-{time.strftime('%Y%m%d-%H%M%S')}")
         policy, reference, tok, s = run(s, out, grid if grid.world > 1 else None,
                                         distributed.print0)
         if s.prompts is None and grid.world == 1:  # ToySteer: greedy answers, before and after

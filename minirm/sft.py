@@ -112,6 +112,22 @@ def sft_loss(model, batch, pad_id, grid=None):
     return -(logp * keep).sum() / n.clamp(min=1), int(n)
 
 
+def tiny_model_threads(spec, device=None):
+    """One intra-op thread for a command that runs a toy model on the CPU (unless
+    OMP_NUM_THREADS says otherwise). A model this small gains nothing from a second thread, and
+    on cores shared with other jobs the threads wait on each other: the default
+    `python -m minirm.sft` took 50 s on one thread and 11 minutes on two busy cores."""
+    import os
+    from minirm.config import PRESETS, from_hf
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "OMP_NUM_THREADS" in os.environ or not str(device).startswith("cpu"):
+        return
+    if str(spec) in PRESETS or (Path(spec) / "config.json").is_file():
+        cfg = PRESETS[str(spec)] if str(spec) in PRESETS else from_hf(spec)
+        if cfg.n_params() < 10_000_000:
+            torch.set_num_threads(1)
+
+
 # ---- data --------------------------------------------------------------------------------
 
 def load_chats(path) -> list[tuple[list[dict], str]]:
@@ -279,11 +295,12 @@ def main(argv=None):
     from minirm import distributed
 
     s = parse(SFTSettings, argv, "python -m minirm.sft", __doc__.split("\n\n")[0])
+    tiny_model_threads(s.model, s.device)
     grid = distributed.init(tp=s.tp)
     try:
         if s.out is None and grid.world > 1:
             raise UserError("pass --out under torchrun, so every rank writes the same run")
-        out = Path(s.out) if s.out else Path("runs") / f"sft-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path(s.out or f"runs/sft-{time.strftime('%Y%m%d-%H%M%S')}")
         report = distributed.print0
         report(f"settings:\n{describe(s)}")
         model, tok = run_sft(s, out, grid if grid.world > 1 else None, report)
