@@ -31,6 +31,12 @@ Choices of ours where METHOD.md is silent:
 - a rollout batch is cut into optimizer batches in order (whole prompt groups), not shuffled;
   prompts are visited in a seeded order, reshuffled after each pass;
 - no data parallelism: with torchrun, all ranks form one tensor-parallel group (--tp = world).
+
+Measured, the toy run (weights/toy-sft-policy and weights/toy-reward-model, 25 steps of 32
+prompts x 4 samples, lr 5e-5, one CPU thread, 53 s), means of the first and the last 5 steps:
+reward 4.06 -> 6.22, ToySteer task score of the samples 0.33 -> 0.41, KL 0.06 -> 0.61, response
+length 14.0 -> 10.6 tokens (padding dropped), all ending. On 200 held-out prompts the sampled
+task score goes 0.33 -> 0.39, the greedy one 0.47 -> 0.46.
 """
 
 import time

@@ -19,6 +19,12 @@ Writes OUT/model, OUT/config.json, OUT/metrics.jsonl and OUT/checkpoint (for --r
 the shared `Trainer`; runs under torchrun with --tp (the loss is then vocabulary-parallel) and
 data parallelism over the remaining ranks.
 
+Measured, the default run (ToySteer seed 0, 2,500 prompts, 312 steps of 32, one CPU thread):
+43 s of training, 47 s in all; validation loss 0.96 per response token; on 200 held-out prompts
+every response ends, with a true task score of 0.47 greedy and 0.33 sampled at temperature 1
+(the tiny model learns the formats and the easy tasks, not copying; responses are a mix of
+right, wrong, padded and garbled answers, as its data).
+
 Simplifications: only the final assistant message of a conversation is trained on (earlier
 assistant turns are context, as in HelpSteer2's rows); no sequence packing (rows are padded);
 conversations longer than --max-length are dropped, never cut.
