@@ -15,6 +15,34 @@ from minirm.errors import UserError
 ATTENTION_BACKENDS = ("reference", "flash", "sdpa")
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings")
+
+
+def check_rope_scaling(rope: dict):
+    """Llama-3 scaling needs all four numbers, each positive, and high_freq > low_freq."""
+    if not isinstance(rope, dict):
+        raise UserError(f"rope_scaling={rope!r} must be an object with {', '.join(ROPE_SCALING_KEYS)}")
+    missing = [k for k in ROPE_SCALING_KEYS if k not in rope]
+    if missing:
+        raise UserError(f"llama3 rope scaling lacks {', '.join(missing)}; "
+                        f"it needs {', '.join(ROPE_SCALING_KEYS)}")
+    for k in ROPE_SCALING_KEYS:
+        if not _is_number(rope[k]) or not 0 < rope[k] < math.inf:
+            raise UserError(f"rope scaling {k}={rope[k]!r} must be a positive number")
+    if rope["high_freq_factor"] <= rope["low_freq_factor"]:
+        raise UserError(f"rope scaling high_freq_factor={rope['high_freq_factor']} must be "
+                        f"above low_freq_factor={rope['low_freq_factor']}")
+
+
 @dataclass
 class ModelConfig:
     dim: int = 64                    # hidden size
@@ -41,9 +69,29 @@ class ModelConfig:
     pad_id: int | None = None
 
     def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim",
+                     "max_seq_len", "flash_block", "head_dim"):
+            value = getattr(self, name)
+            if value is None and name == "head_dim":
+                continue
+            if not _is_int(value) or value < 1:
+                raise UserError(f"{name}={value!r} must be a positive integer")
+        if self.n_outputs is None or not _is_int(self.n_outputs) or self.n_outputs < 0:
+            raise UserError(f"n_outputs={self.n_outputs!r} must be a whole number, 0 or more")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise UserError(f"{name}={value!r} must be a positive number")
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_heads
         self.eos_ids = tuple(self.eos_ids)
+        for name, ids in (("bos_id", [self.bos_id]), ("pad_id", [self.pad_id]),
+                          ("eos_ids", self.eos_ids)):
+            for i in ids:
+                if i is not None and (not _is_int(i) or not 0 <= i < self.vocab_size):
+                    raise UserError(f"{name}={i!r} must be a token id in 0..{self.vocab_size - 1}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
         if self.attention not in ATTENTION_BACKENDS:
             raise UserError(f"attention backend {self.attention!r} is unknown; "
                             f"choose one of {', '.join(ATTENTION_BACKENDS)}")
@@ -169,15 +217,41 @@ def from_hf(path) -> ModelConfig:
     rope = hf.get("rope_scaling") or hf.get("rope_parameters")
     rope_theta = hf.get("rope_theta")
     scaling = None
+    if rope is not None and not isinstance(rope, dict):
+        raise UserError(f"{path}: rope_scaling / rope_parameters must be an object, "
+                        f"got {rope!r}; fix config.json")
     if rope:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope_theta = rope.get("rope_theta", rope_theta)
         if rope_type == "llama3":
-            scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                            "original_max_position_embeddings")}
+            try:
+                check_rope_scaling(rope)
+            except UserError as e:
+                raise UserError(f"{path}: {e}; fix rope_scaling in config.json") from None
+            scaling = {k: rope[k] for k in ROPE_SCALING_KEYS}
         elif rope_type != "default":
             raise UserError(f"{path}: rope type {rope_type!r} is not supported; "
                             "minirm implements plain RoPE and Llama-3 scaling ('llama3')")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "intermediate_size", "head_dim", "max_position_embeddings",
+                "num_labels"):
+        value = hf.get(key)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise UserError(f"{path}: {key}={value!r} must be a positive integer; "
+                            "fix config.json")
+    for key, value in (("rms_norm_eps", hf.get("rms_norm_eps")), ("rope_theta", rope_theta)):
+        if value is not None and (not _is_number(value) or not 0 < value < math.inf):
+            raise UserError(f"{path}: {key}={value!r} must be a positive number; fix config.json")
+    pad_id = hf.get("pad_token_id")
+    if _is_int(pad_id) and pad_id < 0:  # some exports write -1 for "no pad token"
+        pad_id = None
+    vocab = hf.get("vocab_size")
+    for key, ids in (("bos_token_id", [hf.get("bos_token_id")]), ("pad_token_id", [pad_id]),
+                     ("eos_token_id", _as_tuple(hf.get("eos_token_id")))):
+        bad = [i for i in ids if i is not None and not (_is_int(i) and 0 <= i < (vocab or 1))]
+        if bad and vocab:
+            raise UserError(f"{path}: {key}={bad[0]!r} is not a token id in 0..{vocab - 1}; "
+                            "fix config.json")
     try:
         n_outputs = 0
         if "LlamaForSequenceClassification" in archs:
@@ -192,10 +266,12 @@ def from_hf(path) -> ModelConfig:
             max_seq_len=hf.get("max_position_embeddings", 2048),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)), n_outputs=n_outputs,
             bos_id=hf.get("bos_token_id"), eos_ids=_as_tuple(hf.get("eos_token_id")),
-            pad_id=hf.get("pad_token_id"),
+            pad_id=pad_id,
         )
     except KeyError as e:
         raise UserError(f"{path}: missing key {e.args[0]!r} in config.json") from None
+    except UserError as e:  # ids out of range, heads that do not divide, ...
+        raise UserError(f"{path}: {e}; fix config.json") from None
     return cfg
 
 

@@ -198,7 +198,7 @@ class Trainer:
                        binary_files=trainer_files)
         if self.grid is not None:
             from minirm.distributed import barrier
-            barrier(self.grid)
+            barrier()
 
     def load_checkpoint(self, folder=None):
         """Restore model, optimizer, scheduler, step and RNG; returns the caller's extra state."""
@@ -254,9 +254,11 @@ class Trainer:
         from tqdm import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
+        # Every rank catches Ctrl-C (the terminal sends it to torchrun and all its workers, and
+        # torchrun passes it on): each only raises a flag, and `_should_stop` asks whether any
+        # rank raised it, so all ranks stop after the same step and save together.
         previous = signal.getsignal(signal.SIGINT)
-        if self.is_main or self.grid is None:
-            signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
         bar = tqdm(total=len(plan), initial=self.step, desc=self.desc, unit="step",
                    disable=not self.is_main, dynamic_ncols=True)
         try:

@@ -18,22 +18,24 @@ test checks this table against the lists in this file):
 | the same in a real process (train)                 |     1 | subprocess: status 2, one line   |
 | crafted corrupt GGUF files and safetensors indexes |     5 | the reader raises UserError      |
 | all hand-written bad-input cases                   |    95 |                                  |
-| fuzz tests, 40 seeded examples each                |     6 | hypothesis                       |
+| fuzz tests, 40 seeded examples each                |     7 | hypothesis                       |
 
 Every command case checks: exit status 2, exactly one line on stderr, starting with "error: "
-and containing the expected message. The 6 fuzz tests throw random, truncated and mutated input
+and containing the expected message. The 7 fuzz tests throw random, truncated and mutated input
 at every loader and accept only success or a UserError: JSONL rows near valid ones of every
 format (read by the 8 preference/ratings loaders, sft and reinforce, then encoded; the same rows
 again as a JSON list), gzip files cut and corrupted, CSV text (no loader reads CSV: load_pairs
 must refuse it), safetensors files (random bytes, truncated, random headers, flipped bytes, a
-random index.json) under a valid config.json, GGUF files (random bytes, truncated, flipped header
-bytes) read by `gguf.GGUFFile`, and a whole Llama GGUF with metadata values and tensor infos
-replaced, through `convert` and loading the result.
+random index.json) under a valid config.json, config.json files with values replaced (wrong
+types, out of range, rope scaling incomplete) read by `config.from_hf`, GGUF files (random
+bytes, truncated, flipped header bytes) read by `gguf.GGUFFile`, and a whole Llama GGUF with
+metadata values and tensor infos replaced, through `convert` and loading the result.
 
 Faults injected besides bad input: a full disk at three points of a save, a real file-size limit
 in a command, a full disk under a result file and under the metrics log (6); SIGKILL at 8 random
-points of repeated saves, and between the two renames of a replace; SIGINT during training; a
-NaN loss (stop, and --skip-nonfinite) and a NaN gradient with a finite loss.
+points of repeated saves, and between the two renames of a replace; SIGINT during training (one
+process, and torchrun's whole process group); a NaN loss (stop, and --skip-nonfinite) and a NaN
+gradient with a finite loss.
 
 Guarantees after a crash, checked here:
 - a process killed (SIGKILL) at random points of `save_model` always leaves a whole checkpoint
@@ -42,7 +44,8 @@ Guarantees after a crash, checked here:
 - a full disk during a save is one line naming the folder, and the previous checkpoint is
   untouched; no temporary folder is left behind;
 - Ctrl-C during training saves a checkpoint at the next step boundary and exits with status 130
-  and no traceback; `--resume` then gives the losses of an uninterrupted run.
+  and no traceback; `--resume` then gives the losses of an uninterrupted run. Under torchrun
+  (tp=2) every rank stops after the same step and the resumed run matches one process.
 Tensor-parallel degree: `test_parallel.py::test_debug_model_tp2_matches_tp1` checks that TP=2
 rewards equal TP=1 within 1e-5 (with a left-padded row), so it is not repeated here.
 """
@@ -72,6 +75,7 @@ from hypothesis import strategies as st
 
 from minirm import checkpoint, data as D, gguf, losses, toysteer
 from minirm.checkpoint import load_model, save_model
+from minirm.config import LLAMA3_ROPE_SCALING as LLAMA3_SCALING
 from minirm.errors import UserError, cli
 from minirm.scoring import score_sequences
 from minirm.tokenizer import Tokenizer
@@ -587,6 +591,40 @@ def test_fuzz_safetensors_at_load_model(valid_folder, kind, blob, cut, header, i
             pass
 
 
+HF_CONFIG_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "intermediate_size", "head_dim",
+                  "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+                  "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+                  "architectures", "model_type", "num_labels", "tie_word_embeddings"]
+rope_dicts = st.fixed_dictionaries({}, optional={
+    k: st.sampled_from([1.0, 4.0, 8192, 0, -1.0, "8", None, float("nan")])
+    for k in ("factor", "low_freq_factor", "high_freq_factor",
+              "original_max_position_embeddings")}).map(lambda d: {"rope_type": "llama3", **d})
+
+
+@FUZZ
+@given(edits=st.dictionaries(st.sampled_from(HF_CONFIG_KEYS),
+                             values | rope_dicts | st.integers(-3, 300), max_size=4),
+       dropped=st.lists(st.sampled_from(HF_CONFIG_KEYS), max_size=2))
+def test_fuzz_config_json_at_from_hf(edits, dropped):
+    """A Llama config.json with values replaced or keys dropped: from_hf gives a config that
+    builds a model, or a UserError."""
+    from minirm.config import from_hf, preset, to_hf
+    from minirm.model import Transformer
+
+    hf = {**to_hf(preset("debug", rope_scaling=LLAMA3_SCALING)), **edits}
+    for k in dropped:
+        hf.pop(k, None)
+    with tempfile.TemporaryDirectory() as d:
+        write(Path(d) / "config.json", json.dumps(hf))
+        try:
+            cfg = from_hf(d)
+        except UserError:
+            return
+    with torch.device("meta"):
+        Transformer(cfg)
+
+
 @FUZZ
 @given(kind=st.sampled_from(["random", "magic", "truncated", "flipped"]),
        blob=st.binary(max_size=300), cut=st.integers(0, len(VALID_GGUF)), data=st.data())
@@ -703,6 +741,7 @@ import os, random, signal, sys, time
 import torch
 torch.set_num_threads(1)
 from minirm.checkpoint import load_model, save_model
+from minirm.config import LLAMA3_ROPE_SCALING as LLAMA3_SCALING
 
 out, rounds = sys.argv[1], int(sys.argv[2])
 model, _ = load_model("debug", n_outputs=1, seed=0)
@@ -911,6 +950,48 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resume_matches(tmp_path, toy):
     assert stopped < len(full) == 15
     main(train_args(cut, toy, "--resume"))
     assert losses_of(cut) == pytest.approx(full, rel=1e-6, abs=1e-7)
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(tmp_path, toy):
+    """Ctrl-C in a terminal reaches torchrun and both workers (one process group): both ranks
+    stop after the same step, save their state and exit 130; --resume under torchrun then
+    gives the losses of an uninterrupted single-process run (tp=2 equals tp=1 to 1e-6)."""
+    from minirm.train import main
+
+    cut = tmp_path / "cut"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", "-m", "minirm.train"]
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*torchrun, *train_args(cut, toy, "--tp", "2")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        metrics = cut / "metrics.jsonl"
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline:
+            if metrics.exists() and metrics.read_text():
+                os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+                break
+            time.sleep(0.01)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped at step" in stdout, stdout + stderr
+    assert "KeyboardInterrupt" not in stderr, stderr  # no rank was cut off mid-step
+    stopped = int(re.search(r"stopped at step (\d+)", stdout).group(1))
+    states = [torch.load(cut / "checkpoint" / f"trainer_state_rank{r}.pt", weights_only=False)
+              for r in (0, 1)]
+    assert [st["step"] for st in states] == [stopped, stopped] == [len(losses_of(cut))] * 2
+    assert not (cut / "model").exists()
+
+    main(train_args(tmp_path / "full", toy))
+    full = losses_of(tmp_path / "full")
+    assert stopped < len(full) == 15
+    done = subprocess.run([*torchrun, *train_args(cut, toy, "--tp", "2", "--resume")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert losses_of(cut) == pytest.approx(full, rel=1e-5, abs=1e-6)
 
 
 # ------------------------------------------------------------------ 3. numerical safety
