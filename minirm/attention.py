@@ -37,7 +37,7 @@ import torch.nn.functional as F
 BACKENDS = ("reference", "flash", "sdpa")
 
 
-def attention(q, k, v, key_mask=None, backend="reference", block=64):
+def attention(q, k, v, key_mask=None, backend="reference", block=64, allowed=None):
     """q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq % Hkv == 0 and S >= T.
     The T queries are the LAST T of the S key positions (query i sits at key position S - T + i);
     this covers plain forward (S == T), prefill and one-token KV-cache decode (T == 1).
@@ -45,7 +45,9 @@ def attention(q, k, v, key_mask=None, backend="reference", block=64):
     Query i may attend to key j iff j <= S - T + i and (key_mask[b, j] or j == S - T + i).
     (A padded query always sees itself, so no row is fully masked and nothing is NaN; outputs at
     padded queries are unused by the model.) Scale 1/sqrt(D). Returns (B, Hq, T, D) in q's dtype.
-    `block` is the flash backend's key block size; the other backends ignore it."""
+    `block` is the flash backend's key block size; the other backends ignore it. `allowed` is
+    `build_mask(key_mask, T, S)` when the caller already built it (the model does, once for all
+    layers); the flash backend never uses it."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     assert k.shape == v.shape == (B, Hkv, S, D), \
@@ -57,12 +59,12 @@ def attention(q, k, v, key_mask=None, backend="reference", block=64):
             f"key_mask must be a (B={B}, S={S}) bool tensor, " \
             f"got {key_mask.dtype} {tuple(key_mask.shape)}"
     if backend == "reference":
-        return _reference(q, k, v, key_mask)
+        return _reference(q, k, v, key_mask, allowed)
     if backend == "flash":
         assert block > 0, f"flash block={block} must be positive"
         return _FlashAttention.apply(q, k, v, key_mask, block)
     if backend == "sdpa":
-        return _sdpa(q, k, v, key_mask)
+        return _sdpa(q, k, v, key_mask, allowed)
     raise ValueError(f"attention backend {backend!r} is unknown; "
                      f"choose one of {', '.join(BACKENDS)}")
 
@@ -79,7 +81,7 @@ def build_mask(key_mask, T, S, device):
 
 # ----------------------------------------------------------------------------------- reference
 
-def _reference(q, k, v, key_mask):
+def _reference(q, k, v, key_mask, allowed=None):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -89,7 +91,9 @@ def _reference(q, k, v, key_mask):
     qg = q.reshape(B, Hkv, G * T, D)
     scores = (qg @ k.transpose(-2, -1)) / math.sqrt(D)                  # eq. 1: Q K^T / sqrt(d)
     scores = scores.view(B, Hkv, G, T, S)
-    allowed = build_mask(key_mask, T, S, q.device)[:, :, None]          # (B|1, 1, 1, T, S)
+    if allowed is None:
+        allowed = build_mask(key_mask, T, S, q.device)
+    allowed = allowed[:, :, None]                                        # (B|1, 1, 1, T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))
     # Softmax in float32 and back, as Hugging Face does: half precision exp/sum loses digits.
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
@@ -100,15 +104,16 @@ def _reference(q, k, v, key_mask):
 
 # ----------------------------------------------------------------------------------------- sdpa
 
-def _sdpa(q, k, v, key_mask):
+def _sdpa(q, k, v, key_mask, allowed=None):
     T, S = q.shape[2], k.shape[2]
     if key_mask is None and T == S:
         # The fast path. is_causal aligns the mask top-left, which equals ours only when T == S.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if key_mask is None and T == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # decode sees every key
-    mask = build_mask(key_mask, T, S, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if allowed is None:
+        allowed = build_mask(key_mask, T, S, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
 
 
 # ---------------------------------------------------------------------------------------- flash

@@ -22,6 +22,7 @@ import torch
 
 from minirm.errors import ArgumentParser, UserError, cli
 from minirm.model import KVCache
+from minirm.packed import packed_for_decoding
 
 
 @dataclass
@@ -89,9 +90,19 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top
     if P + max_new_tokens > limit:
         raise UserError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
                         f"model's context of {limit}; shorten the prompt or --max-new-tokens")
+    with packed_for_decoding(model):
+        return _sample(model, tokens, mask, max_new_tokens, temperature, top_k, top_p,
+                       stop_ids, pad_id, generator, progress)
+
+
+def _sample(model, tokens, mask, max_new_tokens, temperature, top_k, top_p, stop_ids, pad_id,
+            generator, progress):
+    B, P = tokens.shape
+    device = tokens.device
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     cache = KVCache(len(model.layers), B, P + max_new_tokens)
-    logits = model(tokens, mask, cache)[:, -1]
+    # Prefill: the whole prompt through the model, logits at its last position only.
+    logits = model.logits_from(model.norm(model.body(tokens, mask, cache)[:, -1:]))[:, -1]
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     valid = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from minirm.attention import attention
+from minirm.attention import attention, build_mask
 from minirm.config import ModelConfig, llama3_inv_freq
 
 
@@ -28,6 +28,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # the same formula in one kernel (fewer calls per token)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 and cast back before the gain, as the Llama reference does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -62,18 +64,23 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.packed = None  # (qkv, wo) while decoding with packed weights (minirm.packed)
 
-    def forward(self, x, cos, sin, key_mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, key_mask, cache=None, layer=0, allowed=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, -1, self.head_dim)  # -1: all heads, or this rank's share
-        k = self.wk(x).view(B, T, -1, self.head_dim)
-        v = self.wv(x).view(B, T, -1, self.head_dim)
+        packed = self.packed if not torch.is_grad_enabled() else None
+        q, k, v = packed[0](x) if packed else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.view(B, T, -1, self.head_dim)  # -1: all heads, or this rank's share
+        k = k.view(B, T, -1, self.head_dim)
+        v = v.view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all keys so far: (B, Hkv, S, head_dim)
-        out = attention(q, k, v, key_mask, backend=self.backend, block=self.block)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        out = attention(q, k, v, key_mask, backend=self.backend, block=self.block,
+                        allowed=allowed)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return packed[1](out) if packed else self.wo(out)
 
 
 class FeedForward(nn.Module):
@@ -84,8 +91,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.packed = None  # (w1 and w3 as one, w2) while decoding with packed weights
 
     def forward(self, x):
+        packed = self.packed if not torch.is_grad_enabled() else None
+        if packed:
+            gate, up = packed[0](x)
+            return packed[1](F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -97,8 +109,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, key_mask, cache=None, layer=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, key_mask, cache, layer)
+    def forward(self, x, cos, sin, key_mask, cache=None, layer=0, allowed=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, key_mask, cache, layer, allowed)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -161,6 +173,7 @@ class Transformer(nn.Module):
                       if cfg.n_outputs else None)
         self._inv_freq = None
         self.activation_checkpointing = False
+        self.packed_head = None  # the output layer while decoding with packed weights
 
     def inv_freq(self, device):
         if self._inv_freq is None or self._inv_freq.device != device:
@@ -202,20 +215,30 @@ class Transformer(nn.Module):
             key_mask = None
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         positions = positions.clamp(min=0)  # left padding sits at position 0
+        if key_mask is not None and bool(key_mask.all()):
+            key_mask = None  # no padding at all: attention takes its causal fast paths
+        # Who sees whom, built once for all layers (not by the flash backend, which never
+        # holds a T x S matrix).
+        allowed = None
+        if key_mask is not None and self.layers[0].attention.backend != "flash":
+            allowed = build_mask(key_mask, T, key_mask.shape[1], tokens.device)
         x = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(self.inv_freq(tokens.device), positions, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and cache is None:
                 # Keep only block inputs; recompute the block in backward (memory for time).
-                x = checkpoint(layer, x, cos, sin, key_mask, None, i, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, key_mask, None, i, allowed,
+                               use_reentrant=False)
             else:
-                x = layer(x, cos, sin, key_mask, cache, i)
+                x = layer(x, cos, sin, key_mask, cache, i, allowed)
         if cache is not None:
             cache.advance(mask.bool())
         return x
 
     def logits_from(self, h):
         """Language-model logits from final-norm hidden states."""
+        if self.packed_head is not None and not torch.is_grad_enabled():
+            return self.packed_head(h)
         if self.output is None:
             if not self.cfg.tie_embeddings:
                 raise ValueError("a reward model has no language-model head")

@@ -169,3 +169,38 @@ def test_sampling_logprobs_are_those_of_the_filtered_distribution():
     for seed in range(5):
         tok, lp = sample_next(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(seed))
         assert tok.item() == 0 and lp.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_packed_decoding_matches_the_plain_model():
+    """minirm.packed: fused and oneDNN-packed projections give the plain model's logits, in
+    prefill and cached decode, tied and untied heads; a weight update is seen at the next
+    call (the packed copy is rebuilt), and toy-sized models are left unpacked."""
+    from minirm import packed
+
+    assert not packed.can_pack(Transformer(preset("toy")))
+    for tied in (True, False):
+        cfg = preset("debug", dim=384, ffn_dim=512, n_heads=6, n_kv_heads=2,
+                     tie_embeddings=tied)
+        model = Transformer(cfg).init_weights(seed=0).eval()
+        assert packed.can_pack(model)
+        tokens, mask = left_pad([[5, 6, 7, 8, 9], [10, 11]], cfg.pad_id)
+        step = torch.tensor([[12], [13]])
+
+        @torch.inference_mode()
+        def run():
+            cache = KVCache(cfg.n_layers, 2, 8)
+            return torch.cat([model(tokens, mask, cache), model(step, None, cache)], 1)
+
+        plain = run()
+        with packed.packed_for_decoding(model):
+            assert model.layers[0].attention.packed is not None
+            torch.testing.assert_close(run(), plain, atol=1e-4, rtol=1e-4)
+        assert model.layers[0].attention.packed is None  # plain again outside the block
+        with torch.no_grad():
+            model.layers[1].feed_forward.w2.weight.mul_(2)  # as an optimizer step would
+        changed = run()
+        assert not torch.allclose(changed, plain, atol=1e-3)
+        with packed.packed_for_decoding(model):
+            torch.testing.assert_close(run(), changed, atol=1e-4, rtol=1e-4)
+        packed.release(model)
+        assert model._packed_cache is None
