@@ -289,6 +289,7 @@ def save_model(model, out, tokenizer=None, max_shard_bytes=DEFAULT_SHARD_BYTES, 
             (tmp / name).write_text(text)
         for name, obj in (binary_files or {}).items():  # e.g. optimizer state for resuming
             torch.save(obj, tmp / name)
+        ordinary_permissions(tmp)
         _fsync_dir(tmp)
         replace_dir(tmp, out)
     except BaseException as e:
@@ -301,6 +302,20 @@ def save_model(model, out, tokenizer=None, max_shard_bytes=DEFAULT_SHARD_BYTES, 
         raise UserError(f"{out}: could not save the model: {why}; {kept}. Free some disk "
                         "space (or choose another output folder) and run again") from None
     return out
+
+
+def ordinary_permissions(path):
+    """mkdtemp and mkstemp make private entries (0700, 0600); give a finished folder (and the
+    files in it) or file the permissions a new one gets under the user's umask."""
+    path = Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    if path.is_dir():
+        path.chmod(0o777 & ~umask)
+        for f in path.iterdir():
+            f.chmod(0o666 & ~umask)
+    else:
+        path.chmod(0o666 & ~umask)
 
 
 def save_model_parallel(model, out, grid, **kw):

@@ -21,7 +21,6 @@ What it undoes and what it simplifies:
 import argparse
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -347,13 +346,8 @@ def convert_gguf(path, out, force: bool = False) -> tuple[Path, int]:
         tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(
             json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
-        # mkdtemp and safetensors create private files; give the folder ordinary permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        for f in tmp.iterdir():
-            f.chmod(0o666 & ~umask)
-        from minirm.checkpoint import replace_dir
+        from minirm.checkpoint import ordinary_permissions, replace_dir
+        ordinary_permissions(tmp)
         replace_dir(tmp, out)  # the old folder goes only once the new one is in place
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,10 +33,10 @@ Choices of ours where METHOD.md is silent:
 - no data parallelism: with torchrun, all ranks form one tensor-parallel group (--tp = world).
 
 Measured, the toy run (weights/toy-sft-policy and weights/toy-reward-model, 25 steps of 32
-prompts x 4 samples, lr 5e-5, one CPU thread, 53 s), means of the first and the last 5 steps:
-reward 4.06 -> 6.22, ToySteer task score of the samples 0.33 -> 0.41, KL 0.06 -> 0.61, response
-length 14.0 -> 10.6 tokens (padding dropped), all ending. On 200 held-out prompts the sampled
-task score goes 0.33 -> 0.39, the greedy one 0.47 -> 0.46.
+prompts x 4 samples, lr 5e-5, one CPU thread, 63 s), means of the first and the last 5 steps:
+reward 1.86 -> 4.28, ToySteer task score of the samples 0.34 -> 0.41, KL 0.06 -> 0.60, response
+length 15.8 -> 8.9 tokens (padding dropped), 99-100% ending. On 200 held-out prompts the sampled
+task score goes 0.33 -> 0.42, the greedy one 0.47 -> 0.49.
 """
 
 import time
@@ -57,9 +57,11 @@ from minirm.trainer import OptimSettings, Trainer
 KL_ESTIMATORS = ("abs", "k1", "k3")
 # METHOD.md 7: P = 32 prompts, k = 4, temperature 1, 2048 new tokens, beta 0.01, lr 1e-6,
 # 4 optimizer steps per rollout batch (the number of steps is ours). The toy policy is tiny and
-# trained from scratch: it needs larger steps, and its answers are short. Past about 30 such
-# steps it finds what the toy reward model misjudges (bytes it never saw in training): reward
-# hacking, the reward still rising while the task score falls and responses stop ending.
+# trained from scratch: it needs larger steps, and its answers are short. Measured with the
+# shipped toy models, 60 steps: the reward keeps rising (1.9 -> 5.7, 5-step means) while the
+# task score stops at 0.42-0.43 after ~30 steps; past that the policy gains reward only where the
+# reward model misjudges. An earlier, weaker toy reward model (0.82 validation accuracy against
+# 0.88) was hacked outright: past ~30 steps its task score fell and responses stopped ending.
 PAPER = dict(prompts_per_step=32, max_new_tokens=2048, lr=1e-6, steps=100)
 TOY = dict(prompts_per_step=32, max_new_tokens=64, lr=5e-5, steps=25)
 TOY_POLICY, TOY_REWARD_MODEL = Path("weights/toy-sft-policy"), Path("weights/toy-reward-model")
@@ -332,9 +334,9 @@ def toy_models(s, out: Path, report):
             from minirm.train import main as train
             folder = out / "reward-model"
             report(f"{TOY_REWARD_MODEL} not found: training the toy reward model first "
-                   f"(python -m minirm.train, 1,000 ToySteer prompts) in {folder}")
+                   f"(python -m minirm.train, 3,000 ToySteer prompts) in {folder}")
             if not (folder / "model" / "config.json").exists():
-                train(["--out", str(folder), "--toy-prompts", "1000"])
+                train(["--out", str(folder), "--toy-prompts", "3000"])
             reward_model = folder / "model"
     return str(policy), str(reward_model)
 

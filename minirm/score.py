@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from minirm.checkpoint import ordinary_permissions
 from minirm.cliargs import opt
 from minirm.data import FORMATS, Encoded, Pair, encode_pairs
 from minirm.errors import UserError, cli, write_failure
@@ -246,6 +247,7 @@ def write_atomic(path, text: str):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:

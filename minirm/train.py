@@ -42,12 +42,15 @@ N_OUTPUTS = {"regression": 5, "helpfulness": 1, "bt": 1, "margin-bt": 1, "scaled
 
 # METHOD.md section 4: stage 1 (regression) 2 epochs, batch 128, lr 2e-6; stage 2 (BT) 1 epoch,
 # batch 64 pairs, lr 1e-6.
-PAPER_HPARAMS = {"rating": dict(epochs=2.0, batch_size=128, lr=2e-6),
-                 "pair": dict(epochs=1.0, batch_size=64, lr=1e-6)}
+PAPER_HPARAMS = {"rating": dict(epochs=2.0, batch_size=128, lr=2e-6, schedule="constant"),
+                 "pair": dict(epochs=1.0, batch_size=64, lr=1e-6, schedule="constant")}
 # A toy model trained from scratch on ToySteer needs far larger steps than fine-tuning a 70B
-# model; sized so that `python -m minirm.train` finishes in minutes on 2 CPU cores.
-TOY_HPARAMS = {"rating": dict(epochs=3.0, batch_size=32, lr=1e-3),
-               "pair": dict(epochs=2.0, batch_size=16, lr=1e-3)}
+# model; sized so that `python -m minirm.train` finishes in about 2.5 minutes on 2 CPU cores.
+# ToySteer rows cost nothing to make, so the default run sees each once (12,000 prompts, one
+# epoch per stage): on 2,500 prompts, 2-3 epochs overfit and the final accuracy stayed at
+# 0.81-0.84 (seeds 0 and 1); fresh rows and a cosine decay reach 0.87-0.88.
+TOY_HPARAMS = {"rating": dict(epochs=1.0, batch_size=32, lr=1e-3, schedule="cosine"),
+               "pair": dict(epochs=1.0, batch_size=16, lr=1e-3, schedule="cosine")}
 TOY_PRESETS = ("debug", "toy")
 
 
@@ -68,8 +71,8 @@ class TrainSettings:
     lr: float = opt(None, "peak learning rate")
     warmup_steps: int = opt(10, "linear warm-up steps")
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
-    schedule: str = opt("constant", "learning-rate schedule after warm-up",
-                        choices=("constant", "cosine"))
+    schedule: str = opt(None, "learning-rate schedule after warm-up (default: constant, the "
+                        "paper's; cosine for toy models)", choices=("constant", "cosine"))
     clip: float = opt(1.0, "gradient clipping norm")
     max_length: int = opt(None, "max tokens per sequence (default: min(4096, context))")
     truncate: str = opt(None, "cut long prompts from the left instead of dropping them",
@@ -81,7 +84,7 @@ class TrainSettings:
                         choices=("half-away", "half-even"))
     seed: int = opt(0, "seed for initialisation, data order and ToySteer")
     seeds: str = opt("0", "comma-separated seeds for --recipe paper-table")
-    toy_prompts: int = opt(2500, "ToySteer training prompts when generating data")
+    toy_prompts: int = opt(12000, "ToySteer training prompts when generating data")
     expo_alphas: str = opt("0,0.5,1,1.52", "ExPO factors to try on validation data (0 keeps "
                            "the BT model as it is)")
     rewardbench: str = opt(None, "paper-table: also score each model on this RewardBench file")
@@ -222,7 +225,7 @@ def train_stage(s: TrainSettings, objective, out: Path, data, init_from=None, gr
     micro = s.micro_batch_size or bs
     plan = make_plan(lengths, bs, hp["epochs"], s.seed)
     settings = OptimSettings(lr=hp["lr"], weight_decay=s.weight_decay, betas=(0.9, 0.98),
-                             warmup_steps=s.warmup_steps, schedule=s.schedule, clip=s.clip)
+                             warmup_steps=s.warmup_steps, schedule=hp["schedule"], clip=s.clip)
     if grid is None or grid.is_main:
         save_settings(replace(s, objective=objective, init_from=init_from), out,
                       extra={"resolved": {**hp, "max_length": max_len, "steps": len(plan),

@@ -130,3 +130,18 @@ def test_preset_sizes():
     assert preset("smollm2-135m").n_params() == pytest.approx(134.5e6, rel=2e-3)
     with pytest.raises(UserError, match="unknown model preset 'llama-3-8b'"):
         preset("llama-3-8b")
+
+
+def test_saved_folders_get_ordinary_permissions(tmp_path):
+    """The temporary folder of an atomic save is private (0700); the finished checkpoint has
+    the permissions of any new file under the umask, so other users and tools can read it."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        model, _ = load_model("debug", seed=0)
+        out = save_model(model, tmp_path / "m")
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o644}

@@ -204,3 +204,18 @@ def test_packed_decoding_matches_the_plain_model():
             torch.testing.assert_close(run(), changed, atol=1e-4, rtol=1e-4)
         packed.release(model)
         assert model._packed_cache is None
+
+
+def test_sample_categorical_follows_the_distribution():
+    """Inverse-CDF sampling: frequencies match the probabilities (8,000 draws, 4 sigma), and
+    entries of probability zero are never drawn."""
+    from minirm.generate import sample_categorical
+
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_categorical(probs, g) for _ in range(8000)])
+    freq = torch.bincount(draws[:, 0], minlength=5).double() / 8000
+    sigma = (probs[0].double() * (1 - probs[0].double()) / 8000).sqrt()
+    assert ((freq - probs[0].double()).abs() <= 4 * sigma + 1e-12).all(), freq
+    assert freq[1] == freq[4] == 0
+    assert (draws[:, 1] == 4).all()

@@ -18,10 +18,10 @@ from minirm.trainer import OptimSettings, Trainer
 # A seeded debug run (`debug_run`: random debug policy and reward model, 3 rollout batches of
 # 4 prompts x 3 samples, 2 optimizer steps each), recorded from this code: a numerical change in
 # sampling, scoring, the KL, the baseline, the loss or the optimizer moves them.
-GOLDEN = {"reward_mean": [0.010071111, -0.0028614935, -0.015964307],
-          "kl": [0.0, 0.18619639, 0.14819448],
-          "loss": [0.0019571484, -0.010544782, -0.013117329],
-          "response_length": [1.5833334, 2.5, 2.75]}
+GOLDEN = {"reward_mean": [0.0089958198, 0.036720023, 0.013114405],
+          "kl": [0.0, 0.1690104, 0.15487276],
+          "loss": [-0.0038984888, 0.0030656182, 0.0025722646],
+          "response_length": [1.75, 1.6666666, 1.6666666]}
 
 
 @pytest.fixture(autouse=True)

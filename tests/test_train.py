@@ -25,7 +25,7 @@ def toy_data(tmp_path_factory):
 def run(out, data, *extra):
     args = ["--model", "debug", "--data", str(data), "--out", str(out), "--batch-size", "8",
             "--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "3", "--save-every", "4",
-            "--max-length", "128", *extra]
+            "--max-length", "128", "--schedule", "constant", *extra]
     main(args)
 
 
