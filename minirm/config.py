@@ -30,7 +30,8 @@ ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
 def check_rope_scaling(rope: dict):
     """Llama-3 scaling needs all four numbers, each positive, and high_freq > low_freq."""
     if not isinstance(rope, dict):
-        raise UserError(f"rope_scaling={rope!r} must be an object with {', '.join(ROPE_SCALING_KEYS)}")
+        raise UserError(f"rope_scaling={rope!r} must be an object with "
+                        f"{', '.join(ROPE_SCALING_KEYS)}")
     missing = [k for k in ROPE_SCALING_KEYS if k not in rope]
     if missing:
         raise UserError(f"llama3 rope scaling lacks {', '.join(missing)}; "
