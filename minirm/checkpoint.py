@@ -319,12 +319,15 @@ def ordinary_permissions(path):
 
 
 def save_model_parallel(model, out, grid, **kw):
-    """`save_model` for a tensor-parallel model: gather to rank 0, which writes the same
-    Hugging Face folder as a single process would. Call it on every rank."""
+    """`save_model` called on every rank of a run: a tensor-parallel model is gathered to rank
+    0, which writes the same Hugging Face folder as a single process would; without a process
+    group (grid None) it is plain `save_model`."""
+    if grid is None or grid.world == 1:
+        return save_model(model, out, **kw)
     from minirm.distributed import barrier
     from minirm.parallel import gathered_hf_state
 
-    state = gathered_hf_state(model, grid) if grid.dp_rank == 0 else None
+    state = gathered_hf_state(model, grid) if grid.tp_size > 1 and grid.dp_rank == 0 else None
     if grid.is_main:
         save_model(model, out, state=state, **kw)
     barrier()

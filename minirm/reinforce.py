@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from minirm import data as D
-from minirm.checkpoint import load_model, load_tokenizer, save_model
+from minirm.checkpoint import load_model, load_tokenizer, save_model_parallel
 from minirm.cliargs import describe, opt, parse, positive, save_settings
 from minirm.config import PRESETS, from_hf
 from minirm.errors import UserError, cli
@@ -460,12 +460,8 @@ def run(s: ReinforceSettings, out: Path, grid=None, report=print):
                        show=("reward_mean", "task_score"))
     if not done:
         raise SystemExit(130)
-    full = None
-    if tp_grid is not None:
-        from minirm.parallel import gathered_hf_state
-        full = gathered_hf_state(policy, grid)
+    save_model_parallel(policy, out / "model", grid, tokenizer=tok)
     if is_main:
-        save_model(policy, out / "model", tok, state=full)
         report(summary(out / "metrics.jsonl") + f"\npolicy saved to {out / 'model'}")
     return policy, reference, tok, s
 

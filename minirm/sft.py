@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from minirm import data as D
-from minirm.checkpoint import load_model, load_tokenizer, save_model
+from minirm.checkpoint import load_model, load_tokenizer, save_model_parallel
 from minirm.cliargs import describe, opt, parse, positive, save_settings
 from minirm.errors import UserError, cli
 from minirm.trainer import OptimSettings, Trainer
@@ -259,12 +259,8 @@ def run_sft(s: SFTSettings, out: Path, grid=None, report=print):
                        s.eval_every, s.save_every, show=("val_loss",))
     if not done:
         raise SystemExit(130)
-    full = None
-    if tp_grid is not None:
-        from minirm.parallel import gathered_hf_state
-        full = gathered_hf_state(model, grid)
+    save_model_parallel(model, out / "model", grid, tokenizer=tok)
     if is_main:
-        save_model(model, out / "model", tok, state=full)
         report(f"[sft] {len(plan)} steps in {time.perf_counter() - t0:.0f} s, model in "
                f"{out / 'model'}")
     return model, tok

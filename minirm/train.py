@@ -30,7 +30,7 @@ import torch
 
 from minirm import data as D
 from minirm import losses
-from minirm.checkpoint import load_model, load_tokenizer, model_folder, save_model
+from minirm.checkpoint import load_model, load_tokenizer, model_folder, save_model_parallel
 from minirm.cliargs import describe, opt, parse, positive, save_settings
 from minirm.config import PRESETS, from_hf
 from minirm.errors import UserError, cli
@@ -259,14 +259,12 @@ def train_stage(s: TrainSettings, objective, out: Path, data, init_from=None, gr
     if not done:
         raise SystemExit(130)
     acc = evaluate().get("val_accuracy")
+    save_model_parallel(model, out / "model", grid, tokenizer=tok)
     if grid is None or grid.is_main:
-        save_model(model, out / "model", tok, state=_full_state(model, grid))
         _write_json(out / "results.json", {"val_accuracy": acc, "steps": len(plan),
                                            "seconds": round(time.perf_counter() - t0, 1)})
         report(f"[{name}] {len(plan)} steps, validation accuracy "
                f"{'n/a' if acc is None else f'{acc:.4f}'}, model in {out / 'model'}")
-    elif grid is not None:
-        _full_state(model, grid)
     return StageResult(name, model, tok, acc, out)
 
 
@@ -310,13 +308,6 @@ def make_loss_fn(objective, model, device, pad_id, autocast):
         return loss, len(batch), {"accuracy": losses.pair_accuracy(delta.detach()),
                                   "margin": delta.detach().mean()}
     return loss_fn
-
-
-def _full_state(model, grid):
-    if grid is None or grid.tp_size == 1:
-        return None
-    from minirm.parallel import gathered_hf_state
-    return gathered_hf_state(model, grid)
 
 
 def _write_json(path: Path, obj):
