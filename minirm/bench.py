@@ -11,8 +11,9 @@ minirm model into the `transformers` one through the checkpoint name map, so bot
 same numbers (the scoring case checks that they do).
 
 Cases, on the `smollm2-135m` shape (`--quick`: the `debug` preset and tiny sizes, for the tests):
-- `train`: one reward-model step, forward + backward + gradient clipping + AdamW, on 8 x 256
-  tokens (4 pairs, Bradley-Terry loss), against LlamaForSequenceClassification(sdpa). Tokens/s,
+- `train`: one reward-model step, forward + backward + gradient clipping + AdamW (fused, for
+  both: minirm's Trainer and transformers' Trainer default), on 8 x 256 tokens (4 pairs,
+  Bradley-Terry loss), against LlamaForSequenceClassification(sdpa). Tokens/s,
   and FLOP/s from `ModelConfig.flops_per_token` (6N + attention, as nanoGPT's MFU).
 - `score`: rewards of 32 sequences of 32..256 tokens in batches of 16 under inference mode.
   minirm sorts them by length (`scoring.score_sequences`); transformers gets right-padded batches
@@ -221,7 +222,7 @@ def case_train(sh, tf, limits, repeats):
     from minirm.config import preset
     from minirm.losses import bradley_terry
     from minirm.model import Transformer
-    from minirm.trainer import param_groups
+    from minirm.trainer import adamw
 
     cfg = preset(sh.preset, n_outputs=1)
     B, T = sh.train
@@ -229,7 +230,9 @@ def case_train(sh, tf, limits, repeats):
     mask = torch.ones(B, T, dtype=torch.bool)  # what collate gives an unpadded batch
 
     def stepper(model, rewards):
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-5, betas=(0.9, 0.98))
+        # minirm's Trainer optimizer for both: fused AdamW, which is also what transformers'
+        # Trainer (and so TRL's RewardTrainer) uses by default with torch >= 2.8.
+        opt = adamw(model, 0.1, 1e-5, (0.9, 0.98))
 
         def step():  # as Trainer.update: zero, forward, backward, clip, AdamW
             opt.zero_grad(set_to_none=True)
