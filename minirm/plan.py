@@ -93,7 +93,7 @@ def activation_bytes(cfg, tp, seq, batch, e, attention, checkpointing):
     Per token and layer, with h = dim, d = head_dim and this rank's hq, hkv heads and f ffn:
       2 RMSNorms     (4 + e) h each: the float32 input and the normalised output
       2 matmul inputs  e h each: the normed x read by wq/wk/wv, and by w1/w3
-      RoPE           2 (hq + hkv) d e: q, k and their rotate_half
+      RoPE           2 (hq + hkv) d e: q, k and their rolled halves
       attention      flash/sdpa: q, k, v, out (hq + 2 hkv + hq) d e, log-sum-exp 4 hq;
                      reference: also softmax probabilities hq S (4 + e), the mask S bytes
       wo input       hq d e

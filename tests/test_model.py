@@ -6,7 +6,7 @@ import torch
 from minirm.checkpoint import load_model, save_model
 from minirm.config import preset
 from minirm.generate import generate, left_pad
-from minirm.model import KVCache, Transformer
+from minirm.model import KVCache, Transformer, apply_rope, rope_cos_sin
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -20,6 +20,23 @@ VARIANTS = {
 
 def tokens(B=2, T=40, vocab=300, seed=1):
     return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_rope_is_the_rotate_half_formula():
+    """apply_rope's roll form equals x cos + rotate_half(x) sin written out, gradients too."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 1, 7, 30]])
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    cos, signed_sin = rope_cos_sin(inv_freq, positions, torch.float64)
+    angles = positions[..., None, None].double() * torch.cat((inv_freq, inv_freq))
+    x1, x2 = x.chunk(2, dim=-1)
+    want = x * angles.cos() + torch.cat((-x2, x1), dim=-1) * angles.sin()
+    got = apply_rope(x, cos, signed_sin)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(got, x, dy)[0],
+                               torch.autograd.grad(want, x, dy)[0], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
