@@ -1,6 +1,7 @@
 """Benchmarks: minirm beside Hugging Face `transformers`, and both beside the machine's limits.
 
     python -m minirm.bench [--cases train,score,generate,attention] [--repeats 5] [--json PATH]
+    python -m minirm.bench --device cuda [--cases gpu-train,gpu-decode] --json PATH
 
 Every case runs minirm and its `transformers` equivalent in this one process, at the same shapes,
 in float32, on the same torch threads. Each is called once to warm up, then the two are timed in
@@ -29,6 +30,17 @@ Cases, on the `smollm2-135m` shape (`--quick`: the `debug` preset and tiny sizes
   allocated and not yet freed at any moment of one call, summed over the profiler's allocation
   events (`profile_memory=True`); inputs are not counted, the output and gradients are.
 
+On a GPU (`--device cuda`), in bfloat16, against the same `transformers` classes:
+- `gpu-train`: the reward-model step as train.py takes it on a GPU (bf16 weights under bf16
+  autocast, fused AdamW) with activation checkpointing, on one pair of 4096-token sequences of
+  the `llama-3.2-1b` shape. Tokens/s; utilisation is model FLOPs (6N + attention; the
+  recomputed forward is not counted) over the measured bf16 matmul rate.
+- `gpu-decode`: batch-1 sampling of 64 tokens after 32 on the `llama-3.1-8b` shape; the
+  fraction is the bytes of weights read per second over the measured bandwidth.
+On the CPU these two run only with `--quick` (debug shape, float32), which is how the tests
+cover their code; the limits are then measured in bf16 on the GPU (8192^2 matmul, 32768^2
+matrix-vector).
+
 The machine's limits are measured first, in the same run: float32 matmul FLOP/s (n x n by n x n)
 and memory bandwidth (bytes of an n x n matrix read by one matrix-vector product: the access
 pattern of batch-1 decoding, through the same BLAS), each from the fastest of 10 or more calls
@@ -55,16 +67,21 @@ import torch
 from minirm.cliargs import opt
 from minirm.errors import UserError, cli
 
-CASES = ("train", "score", "generate", "attention")
+CPU_CASES = ("train", "score", "generate", "attention")
+GPU_CASES = ("gpu-train", "gpu-decode")
+CASES = CPU_CASES + GPU_CASES
 
 
 @dataclass
 class BenchSettings:
-    cases: str = opt(",".join(CASES), "comma-separated cases to run, of " + ", ".join(CASES))
+    cases: str = opt(None, "comma-separated cases to run, of " + ", ".join(CASES)
+                     + "; unset: all of the device's")
     repeats: int = opt(5, "timed calls per case and library; the median is reported")
     quick: bool = opt(False, "tiny shapes (the debug preset): seconds instead of minutes, for tests")
     json: str = opt(None, "also write the results to this JSON file")
     threads: int = opt(None, "torch threads for both libraries, unset: torch's default")
+    device: str = opt("cpu", "cpu, or cuda for the GPU cases (" + ", ".join(GPU_CASES) + ")",
+                      choices=("cpu", "cuda"))
 
 
 @dataclass
@@ -79,12 +96,19 @@ class Shapes:
     attn_lens: tuple = (512, 2048, 4096)
     matmul_n: int = 2048                  # limits: n x n float32 matmul
     matvec_n: int = 8192                  # limits: n x n float32 matrix (256 MiB) times a vector
+    # The GPU cases (part 3 of the performance targets), in bfloat16 on CUDA:
+    gpu_train_preset: str = "llama-3.2-1b"
+    gpu_train: tuple = (2, 4096)          # one pair of 4096-token sequences per step
+    gpu_decode_preset: str = "llama-3.1-8b"
+    gpu_matmul_n: int = 8192              # limits on a GPU: bf16 n x n matmul
+    gpu_matvec_n: int = 32768             # and a bf16 n x n matrix (2 GiB: past any cache) x vector
 
 
 FULL = Shapes("smollm2-135m")
 QUICK = Shapes("debug", train=(2, 16), score=(4, 4, 16, 2), prompt=4, new_tokens=4,
                gen_batches=(1, 2), heads=(4, 2, 8), attn_lens=(32, 64), matmul_n=128,
-               matvec_n=256)
+               matvec_n=256, gpu_train_preset="debug", gpu_train=(2, 16),
+               gpu_decode_preset="debug", gpu_matmul_n=128, gpu_matvec_n=256)
 
 
 @dataclass
@@ -154,18 +178,34 @@ def fastest(fn, repeats):
     return best
 
 
-def measure_limits(sh: Shapes, repeats: int) -> dict:
-    """float32 matmul FLOP/s and memory bandwidth (bytes/s) of this machine and thread count."""
-    n = sh.matmul_n
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    matmul = 2 * n ** 3 / fastest(lambda: a @ b, max(repeats, 10))
-    m = torch.randn(sh.matvec_n, sh.matvec_n)  # far larger than the caches: read from memory
-    x = torch.randn(sh.matvec_n)
-    t = fastest(lambda: torch.mv(m, x), max(repeats, 10))
+def synced(fn, device):
+    """fn, returning only once the device has finished its work (CUDA runs asynchronously)."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+    return call
+
+
+def measure_limits(sh: Shapes, repeats: int, device=torch.device("cpu")) -> dict:
+    """Matmul FLOP/s and memory bandwidth (bytes/s) of this machine and thread count: float32
+    on the CPU, bfloat16 on a GPU (the dtype each one's cases run in)."""
+    gpu = device.type == "cuda"
+    n, nv = (sh.gpu_matmul_n, sh.gpu_matvec_n) if gpu else (sh.matmul_n, sh.matvec_n)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    matmul = 2 * n ** 3 / fastest(synced(lambda: a @ b, device), max(repeats, 10))
+    del a, b
+    m = torch.randn(nv, nv, device=device, dtype=dtype)  # far larger than the caches
+    x = torch.randn(nv, device=device, dtype=dtype)
+    t = fastest(synced(lambda: torch.mv(m, x), device), max(repeats, 10))
     return {"matmul_flops": matmul, "bandwidth_bytes_per_s": m.numel() * m.element_size() / t}
 
 
-def machine() -> dict:
+def machine(device=torch.device("cpu")) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -177,7 +217,8 @@ def machine() -> dict:
     tf = _transformers()
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": tf.__version__ if tf else None,
-            "python": platform.python_version(), "load_average": list(os.getloadavg())}
+            "python": platform.python_version(), "load_average": list(os.getloadavg()),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 # ---------------------------------------------------------------------------- the twin models
@@ -192,14 +233,17 @@ def _transformers():
 
 
 def hf_twin(tf, model, cls_name):
-    """The `transformers` model of the same config, with minirm's weights, SDPA attention."""
+    """The `transformers` model of the same config, with minirm's weights, SDPA attention, on
+    the same device in the same dtype."""
     from minirm.checkpoint import name_map
     from minirm.config import to_hf
 
     hf_cfg = to_hf(model.cfg)
     hf_cfg.pop("torch_dtype")
-    hf = getattr(tf, cls_name)._from_config(tf.LlamaConfig(**hf_cfg), attn_implementation="sdpa",
-                                            dtype=torch.float32)
+    weight = model.tok_embeddings.weight
+    with weight.device:  # built in place (an 8B model on a GPU), then given minirm's weights
+        hf = getattr(tf, cls_name)._from_config(tf.LlamaConfig(**hf_cfg),
+                                                attn_implementation="sdpa", dtype=weight.dtype)
     ours = model.state_dict()
     wanted = hf.state_dict()
     state = {hf_name: ours[name] for hf_name, name in name_map(model.cfg).items()
@@ -381,8 +425,108 @@ def case_attention(sh, tf, limits, repeats):
     return rows
 
 
+def _gpu_model(name, device, n_outputs=0):
+    """A seeded random model of preset `name` on `device`: bfloat16 on a GPU (the reward head
+    stays float32), float32 on the CPU (which runs these cases only at --quick sizes)."""
+    from minirm.config import preset
+    from minirm.model import Transformer
+
+    cfg = preset(name, n_outputs=n_outputs)
+    with device:
+        model = Transformer(cfg).init_weights(seed=0)
+    return model.cast(torch.bfloat16) if device.type == "cuda" else model
+
+
+def _peak_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def case_gpu_train(sh, tf, limits, repeats, device):
+    """A reward-model step as train.py takes it on a GPU: bfloat16 weights under bf16 autocast,
+    activation checkpointing, fused AdamW; utilisation is model FLOPs (6N + attention, the
+    recomputed forward not counted) over the measured bf16 matmul rate."""
+    from minirm.losses import bradley_terry
+    from minirm.trainer import adamw
+
+    B, T = sh.gpu_train
+    model = _gpu_model(sh.gpu_train_preset, device, n_outputs=1).train()
+    model.activation_checkpointing = True
+    cfg = model.cfg
+    tokens = random_tokens(cfg, B, T, torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def stepper(m, rewards):
+        opt = adamw(m, 0.1, 1e-5, (0.9, 0.98))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                r = rewards()
+            bradley_terry(r[0::2] - r[1::2]).backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+        return synced(step, device)
+
+    ours = stepper(model, lambda: model.reward(tokens, mask)[:, 0])
+    theirs = None
+    if tf:
+        hf = hf_twin(tf, model, "LlamaForSequenceClassification").train()
+        (getattr(hf, "activation_checkpointing_enable", None)  # its name in newer transformers
+         or hf.gradient_checkpointing_enable)()
+        theirs = stepper(hf, lambda: hf(input_ids=tokens, attention_mask=mask).logits[:, 0])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_ours, t_theirs = timed(ours, theirs, repeats)
+    flops = cfg.flops_per_token(T) * B * T
+    limit = limits["matmul_flops"]
+    tps = [None if t is None else B * T / t for t in (t_ours, t_theirs)]
+    note = (f"{sh.gpu_train_preset}, {B}x{T} tokens, activation checkpointing, "
+            f"{flops / B / T / 1e9:.2f} GFLOP/token")
+    if t_theirs:
+        note += f"; transformers at {flops / t_theirs / limit:.0%} of matmul"
+    if _peak_gib(device):
+        note += f"; peak {_peak_gib(device):.1f} GiB (the larger library's)"
+    return [row("gpu-train", "tokens/s", tps[0], tps[1], flops / t_ours / limit, note)]
+
+
+def case_gpu_decode(sh, tf, limits, repeats, device):
+    """Batch-1 sampling after a 32-token prompt; the fraction is the bytes of weights read per
+    second (every weight once per new token) over the measured bandwidth."""
+    from minirm.generate import generate, left_pad
+
+    model = _gpu_model(sh.gpu_decode_preset, device).eval()
+    cfg, N = model.cfg, sh.new_tokens
+    gen = torch.Generator().manual_seed(2)
+    prompt = [random_tokens(cfg, 1, sh.prompt, gen)[0].tolist()]
+    sampler = torch.Generator(device).manual_seed(3)
+    ours = synced(lambda: generate(model, prompt, N, temperature=1.0, pad_id=cfg.pad_id,
+                                   generator=sampler), device)
+    theirs = None
+    if tf:
+        hf = hf_twin(tf, model, "LlamaForCausalLM").eval()
+        hf.generation_config.eos_token_id = None
+        tokens, mask = left_pad(prompt, cfg.pad_id, device)
+        theirs = synced(lambda: hf.generate(
+            input_ids=tokens, attention_mask=mask, do_sample=True, max_new_tokens=N,
+            temperature=1.0, top_k=0, top_p=1.0, pad_token_id=cfg.pad_id), device)
+    t_ours, t_theirs = timed(ours, theirs, repeats)
+    weight = model.tok_embeddings.weight
+    weight_bytes = weight.element_size() * (
+        cfg.n_params(include_embedding=False) + (weight.numel() if cfg.tie_embeddings else 0))
+    bw = limits["bandwidth_bytes_per_s"]
+    tps = [None if t is None else N / t for t in (t_ours, t_theirs)]
+    note = (f"{sh.gpu_decode_preset}, {N} new tokens after {sh.prompt}; "
+            f"{weight_bytes / 2**30:.2f} GiB of weights a token")
+    if tps[1]:
+        note += f"; transformers at {weight_bytes * tps[1] / bw:.0%}"
+    return [row("gpu-decode batch 1", "new tokens/s", tps[0], tps[1],
+                weight_bytes * tps[0] / bw, note)]
+
+
 RUNNERS = {"train": case_train, "score": case_score, "generate": case_generate,
-           "attention": case_attention}
+           "attention": case_attention, "gpu-train": case_gpu_train,
+           "gpu-decode": case_gpu_decode}
 
 
 # --------------------------------------------------------------------------------------- output
@@ -402,7 +546,9 @@ def format_table(result) -> str:
              f"load average (1, 5, 15 min) at start: "
              + ", ".join(f"{x:.2f}" for x in m["load_average"])
              + f"; at end: " + ", ".join(f"{x:.2f}" for x in m["load_average_end"]),
-             f"limits: float32 matmul {lim['matmul_flops'] / 1e9:.1f} GFLOP/s, memory bandwidth "
+             *([f"gpu: {m['gpu']}"] if m.get("gpu") else []),
+             f"limits: {'bfloat16' if m.get('gpu') else 'float32'} matmul "
+             f"{lim['matmul_flops'] / 1e9:.1f} GFLOP/s, memory bandwidth "
              f"{lim['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", ""]
     head = ("case", "unit", "minirm", "transformers", "ratio", "of limit", "note")
     body = [(c["name"], c["unit"], _num(c["minirm"]), _num(c["transformers"]),
@@ -418,11 +564,22 @@ def format_table(result) -> str:
 
 
 def run(s: BenchSettings, progress=False) -> dict:
-    selected = [c.strip() for c in s.cases.split(",") if c.strip()]
+    own = GPU_CASES if s.device == "cuda" else CPU_CASES
+    selected = [c.strip() for c in (s.cases or ",".join(own)).split(",") if c.strip()]
     unknown = [c for c in selected if c not in CASES]
     if unknown or not selected:
         raise UserError(f"--cases {s.cases!r}: unknown case {unknown[0] if unknown else ''!r}; "
                         f"choose from {', '.join(CASES)}")
+    if s.device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is visible to torch here; run the "
+                            "GPU cases on a machine with one, or drop --device")
+        if set(selected) - set(GPU_CASES):
+            raise UserError(f"--device cuda runs only the GPU cases ({', '.join(GPU_CASES)}); "
+                            f"the others measure the CPU")
+    elif set(selected) & set(GPU_CASES) and not s.quick:
+        raise UserError(f"{', '.join(sorted(set(selected) & set(GPU_CASES)))} at full size "
+                        "needs --device cuda (on the CPU they run only with --quick)")
     if s.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {s.repeats}")
     if s.threads is not None and s.threads < 1:
@@ -439,8 +596,9 @@ def _run(s, selected, progress):
     sh = QUICK if s.quick else FULL
     tf = _transformers()
     t0 = time.perf_counter()
-    result = {"machine": machine(), "settings": asdict(s)}
-    limits = measure_limits(sh, s.repeats)
+    device = torch.device(s.device)
+    result = {"machine": machine(device), "settings": asdict(s)}
+    limits = measure_limits(sh, s.repeats, device)
     result["limits"] = limits
     cases = selected
     if progress:
@@ -450,8 +608,13 @@ def _run(s, selected, progress):
     for name in cases:
         if progress:
             cases.set_postfix(case=name)
-        rows += RUNNERS[name](sh, tf, limits, s.repeats)
+        if name in GPU_CASES:
+            rows += RUNNERS[name](sh, tf, limits, s.repeats, device)
+        else:
+            rows += RUNNERS[name](sh, tf, limits, s.repeats)
         gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     result["cases"] = [asdict(r) for r in rows]
     result["machine"]["load_average_end"] = list(os.getloadavg())
     result["seconds"] = time.perf_counter() - t0

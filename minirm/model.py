@@ -182,8 +182,11 @@ class Transformer(nn.Module):
         return self._inv_freq
 
     def init_weights(self, seed: int | None = None, std: float = 0.02):
-        """Random initialisation for training from scratch (normal(0, std), unit norms)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        """Random initialisation for training from scratch (normal(0, std), unit norms), drawn
+        on the model's device (a GPU draws other numbers than the CPU for the same seed; an 8B
+        model is drawn in seconds there)."""
+        device = self.tok_embeddings.weight.device
+        gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
@@ -191,7 +194,7 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             else:
                 with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+                    p.copy_(torch.randn(p.shape, generator=gen, device=device) * std)
         return self
 
     def cast(self, dtype):

@@ -62,12 +62,39 @@ def test_table_names_every_case(quick):
         assert case["name"] in table
 
 
+def gpu_cases(device):
+    return bench.run(bench.BenchSettings(cases="gpu-train,gpu-decode", quick=True, repeats=1,
+                                         threads=1, device=device))
+
+
+def test_gpu_cases_run_at_quick_sizes_on_the_cpu():
+    """The GPU cases' code, on the CPU in float32 at the debug shape (no GPU in CI)."""
+    result = gpu_cases("cpu")
+    assert result["machine"]["gpu"] is None
+    names = [c["name"] for c in result["cases"]]
+    assert names == ["gpu-train", "gpu-decode batch 1"]
+    for case in result["cases"]:
+        assert case["minirm"] > 0 and case["fraction_of_limit"] > 0, case
+    assert "activation checkpointing" in result["cases"][0]["note"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cases_on_cuda():
+    result = gpu_cases("cuda")
+    assert result["machine"]["gpu"]
+    assert all(c["minirm"] > 0 and c["fraction_of_limit"] > 0 for c in result["cases"])
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--cases", "train,warp"], "unknown case 'warp'"),
+    (["--cases", "gpu-train"], "gpu-train at full size needs --device cuda"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--quick", "--threads", "0"], "--threads must be at least 1"),
+    (["--quick", "--device", "cuda"], "no CUDA device is visible"),
 ])
 def test_bad_flags_are_one_line_and_status_2(capsys, argv, match):
+    if torch.cuda.is_available() and "--device" in argv:
+        pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     assert e.value.code == 2
