@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from minirm.errors import UserError
-from minirm.tokenizer import ROLES, _check_messages
+from minirm.tokenizer import ROLES, check_messages
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 MISSING = -100        # a label that is absent (the regression loss skips it, METHOD.md 3)
@@ -144,7 +144,7 @@ class _Row:
 
     def check_conversation(self, field, prompt, response):
         try:
-            _check_messages(prompt + [{"role": "assistant", "content": response}], False)
+            check_messages(prompt + [{"role": "assistant", "content": response}], False)
         except UserError as e:
             raise self.error(field, f"is not a valid conversation ({e})")
 

@@ -239,7 +239,7 @@ class Tokenizer:
         where a reward model reads the score (METHOD.md section 9). With `add_generation_prompt`
         the last message must be the user's and the ids end with the assistant header.
         """
-        _check_messages(messages, add_generation_prompt)
+        check_messages(messages, add_generation_prompt)
         build = {"llama3": self._llama3, "chatml": self._chatml, "toy": self._toy}[self.chat_format]
         ids, starts = build(messages, add_generation_prompt)
         final_is_assistant = messages[-1]["role"] == "assistant"
@@ -309,7 +309,7 @@ class Tokenizer:
         return ids, starts
 
 
-def _check_messages(messages, add_generation_prompt):
+def check_messages(messages, add_generation_prompt):
     """An optional system message, then user/assistant alternating from user; else UserError."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise UserError("a conversation must be a non-empty list of {'role', 'content'} messages")

@@ -278,3 +278,27 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, case, match):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
+
+
+def test_toy_models_fall_back_to_training_once(tmp_path):
+    """Without the shipped weights, the toy pipeline trains the model once, and a rerun into
+    the same folder reuses it; a given model or the shipped folder wins."""
+    _shipped_or_trained = R._shipped_or_trained
+    calls, lines = [], []
+
+    def train(folder):
+        calls.append(folder)
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "config.json").write_text("{}")
+
+    missing, folder = tmp_path / "weights" / "none", tmp_path / "run" / "policy"
+    got = _shipped_or_trained(None, missing, folder, train, "the policy", lines.append)
+    assert got == str(folder / "model") and calls == [folder]
+    assert len(lines) == 1 and str(missing) in lines[0] and "the policy" in lines[0]
+    assert _shipped_or_trained(None, missing, folder, train, "the policy", lines.append) \
+        == str(folder / "model") and calls == [folder]  # trained once
+    shipped = tmp_path / "weights" / "shipped"
+    shipped.mkdir(parents=True)
+    assert _shipped_or_trained(None, shipped, folder, train, "x", lines.append) == str(shipped)
+    assert _shipped_or_trained("my/model", shipped, folder, train, "x", lines.append) == "my/model"
+    assert calls == [folder] and len(lines) == 2
