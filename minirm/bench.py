@@ -41,12 +41,14 @@ On the CPU these two run only with `--quick` (debug shape, float32), which is ho
 cover their code; the limits are then measured in bf16 on the GPU (8192^2 matmul, 32768^2
 matrix-vector).
 
-The machine's limits are measured first, in the same run: float32 matmul FLOP/s (n x n by n x n)
-and memory bandwidth (bytes of an n x n matrix read by one matrix-vector product: the access
-pattern of batch-1 decoding, through the same BLAS), each from the fastest of 10 or more calls
-(a median let other jobs on the machine pull the ceiling under what the cases reach). `fraction_of_limit` is, for training, its
-FLOP/s over the matmul FLOP/s (model FLOP utilisation), and for batch-1 decoding, the bytes of
-weights read per second (every weight once per new token) over the bandwidth.
+The machine's limits are measured first, in the same run: float32 matmul FLOP/s (n x n by n x n,
+the faster of torch's BLAS and oneDNN, which minirm's training and scoring use: `minirm.onednn`)
+and memory bandwidth (bytes of an n x n matrix read by one matrix-vector product of torch's
+BLAS: the access pattern of batch-1 decoding), each from the fastest of 10 or more calls (a
+median let other jobs on the machine pull the ceiling under what the cases reach).
+`fraction_of_limit` is, for training, its FLOP/s over the matmul FLOP/s (model FLOP
+utilisation), and for batch-1 decoding, the bytes of weights read per second (every weight once
+per new token) over the bandwidth.
 
 What it simplifies: wall-clock time on the CPU (no CUDA events); one process and its threads; a
 median, not a confidence interval (the spread of repeats is not reported).
@@ -197,7 +199,11 @@ def measure_limits(sh: Shapes, repeats: int, device=torch.device("cpu")) -> dict
     n, nv = (sh.gpu_matmul_n, sh.gpu_matvec_n) if gpu else (sh.matmul_n, sh.matvec_n)
     dtype = torch.bfloat16 if gpu else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    matmul = 2 * n ** 3 / fastest(synced(lambda: a @ b, device), max(repeats, 10))
+    t = fastest(synced(lambda: a @ b, device), max(repeats, 10))
+    if not gpu and torch.backends.mkldnn.is_available():  # the CPU's other float32 product
+        from minirm.onednn import _product
+        t = min(t, fastest(lambda: _product(a, b.t()), max(repeats, 10)))
+    matmul = 2 * n ** 3 / t
     del a, b
     m = torch.randn(nv, nv, device=device, dtype=dtype)  # far larger than the caches
     x = torch.randn(nv, device=device, dtype=dtype)

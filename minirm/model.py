@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from minirm import onednn
 from minirm.attention import attention, build_mask
 from minirm.config import ModelConfig, llama3_inv_freq
 
@@ -55,16 +56,27 @@ def apply_rope(x, cos, signed_sin):
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
+class Linear(nn.Linear):
+    """nn.Linear without a bias whose products run through oneDNN for float32 on the CPU
+    (`minirm.onednn`: the same function, faster there); elsewhere exactly nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return onednn.linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.backend = cfg.attention
         self.block = cfg.flash_block
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.packed = None  # (qkv, wo) while decoding with packed weights (minirm.packed)
 
     def forward(self, x, cos, sin, key_mask, cache=None, layer=0, allowed=None):
@@ -89,9 +101,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w1 = Linear(cfg.dim, cfg.ffn_dim)
+        self.w3 = Linear(cfg.dim, cfg.ffn_dim)
+        self.w2 = Linear(cfg.ffn_dim, cfg.dim)
         self.packed = None  # (w1 and w3 as one, w2) while decoding with packed weights
 
     def forward(self, x):
@@ -168,7 +180,7 @@ class Transformer(nn.Module):
         # A reward model has no language-model head (METHOD.md section 2: it is unused), which
         # is also the layout of Hugging Face's LlamaForSequenceClassification.
         self.output = (None if cfg.tie_embeddings or cfg.n_outputs
-                       else nn.Linear(cfg.dim, cfg.vocab_size, bias=False))
+                       else Linear(cfg.dim, cfg.vocab_size))
         # The reward head (METHOD.md section 2): Linear(hidden, n_outputs, bias=True), float32.
         self.score = (nn.Linear(cfg.dim, cfg.n_outputs, bias=True, dtype=torch.float32)
                       if cfg.n_outputs else None)
@@ -247,7 +259,7 @@ class Transformer(nn.Module):
         if self.output is None:
             if not self.cfg.tie_embeddings:
                 raise ValueError("a reward model has no language-model head")
-            return F.linear(h, self.tok_embeddings.weight)
+            return onednn.linear(h, self.tok_embeddings.weight)
         return self.output(h)
 
     def forward(self, tokens, mask=None, cache=None):

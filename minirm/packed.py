@@ -17,7 +17,7 @@ training and gradients, and the packed copy (as large again as the projections a
 layer) stays with the model for the next `generate` call, rebuilt when any weight has changed
 since (an optimizer step, a load); `release(model)` frees it. Packing SmolLM2-135M takes ~0.3 s,
 so a REINFORCE step repacks after its optimizer updates for a small fraction of its rollout
-time. It applies only where it helps and is exact: float32 weights on the CPU, plain `nn.Linear`
+time. It applies only where it helps and is exact: float32 weights on the CPU, plain `Linear`
 layers (not tensor-parallel shards), dim x dim of at least MIN_WEIGHTS, gradients off.
 Elsewhere the model runs as written. The packed kernels agree with `F.linear` to float32
 rounding (tests/test_model.py).
@@ -55,7 +55,9 @@ class PackedLinear:
 
 def can_pack(model) -> bool:
     weight = model.tok_embeddings.weight
-    plain = all(type(m) is nn.Linear for layer in model.layers
+    from minirm.model import Linear
+
+    plain = all(type(m) is Linear for layer in model.layers
                 for m in (layer.attention.wq, layer.attention.wo, layer.feed_forward.w1,
                           layer.feed_forward.w2))
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and plain

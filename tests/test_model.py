@@ -236,3 +236,44 @@ def test_sample_categorical_follows_the_distribution():
     assert ((freq - probs[0].double()).abs() <= 4 * sigma + 1e-12).all(), freq
     assert freq[1] == freq[4] == 0
     assert (draws[:, 1] == 4).all()
+
+
+def test_onednn_linear_is_f_linear_forward_and_backward(monkeypatch):
+    """minirm.onednn: the oneDNN products (forward, input and weight gradients, strided views
+    included) give F.linear's numbers; a model step through them gives the same loss and
+    gradients as through F.linear; small matrices keep F.linear."""
+    from minirm import onednn
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(320, 256, generator=g, requires_grad=True)
+    assert onednn.applies(torch.zeros(1, 256), weight)
+    assert not onednn.applies(torch.zeros(1, 64), torch.zeros(32, 64))  # toy-sized
+    assert not onednn.applies(torch.zeros(1, 256, dtype=torch.float64), weight.double())
+    x = torch.randn(3, 256, 7, generator=g).transpose(1, 2).requires_grad_()  # not contiguous
+    dy = torch.randn(3, 7, 320, generator=g)
+    got = onednn.linear(x, weight)
+    want = torch.nn.functional.linear(x, weight)
+    # Entries are sums of 256 products of N(0, 1) numbers (size ~16): float32 rounding ~1e-5.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for a, b in zip(torch.autograd.grad(got, (x, weight), dy),
+                    torch.autograd.grad(want, (x, weight), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(onednn.linear(x, weight), want.detach(), rtol=1e-5, atol=1e-4)
+
+    cfg = preset("debug", dim=384, ffn_dim=512, n_heads=6, n_kv_heads=2, n_outputs=1)
+    tokens, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]], cfg.pad_id)
+
+    def step():
+        model = Transformer(cfg).init_weights(seed=0)
+        loss = model.reward(tokens, mask).square().sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss, grads = step()
+    monkeypatch.setattr(onednn, "applies", lambda x, w: False)
+    plain_loss, plain_grads = step()
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for name in grads:  # float32 rounding, relative to each gradient's size
+        diff = (grads[name] - plain_grads[name]).norm() / plain_grads[name].norm()
+        assert diff < 1e-5, (name, diff.item())
