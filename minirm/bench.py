@@ -201,8 +201,8 @@ def measure_limits(sh: Shapes, repeats: int, device=torch.device("cpu")) -> dict
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     t = fastest(synced(lambda: a @ b, device), max(repeats, 10))
     if not gpu and torch.backends.mkldnn.is_available():  # the CPU's other float32 product
-        from minirm.onednn import _product
-        t = min(t, fastest(lambda: _product(a, b.t()), max(repeats, 10)))
+        from minirm.onednn import product
+        t = min(t, fastest(lambda: product(a, b.t()), max(repeats, 10)))
     matmul = 2 * n ** 3 / t
     del a, b
     m = torch.randn(nv, nv, device=device, dtype=dtype)  # far larger than the caches

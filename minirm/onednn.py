@@ -2,10 +2,10 @@
 
 In float32 on the CPU, `F.linear` and every product of its backward run through the BLAS torch
 was built with (MKL). On the AMD EPYC machines minirm is developed on, oneDNN's own kernels run the
-same products of a transformer's shapes (2048 rows by 576..1536) 10-30% faster (benchmarks/README
-.md), and `torch.ops.mkldnn._linear_pointwise` reaches them with plain float32 tensors, strided
-views included, so no weight or activation is copied to get there. A training step spends most of
-its time in these products:
+same products of a transformer's shapes (2048 rows by 576..1536) 10-30% faster
+(benchmarks/README.md), and `torch.ops.mkldnn._linear_pointwise` reaches them with plain float32
+tensors, strided views included, so no weight or activation is copied to get there. A training
+step spends most of its time in these products:
 
     forward          y  = x W^T           _linear_pointwise(x, W)
     backward, input  dx = dy W            _linear_pointwise(dy, W^T)      (W^T: a view)
@@ -24,8 +24,9 @@ import torch.nn.functional as F
 MIN_WEIGHTS = 2**16  # SmolLM2-135M's smallest projection (k, v) has 110,592
 
 
-def _product(a, b):
-    """a b^T for 2-D float32 CPU tensors, in oneDNN."""
+def product(a, b):
+    """a b^T for 2-D float32 CPU tensors, in oneDNN (b: a plain weight, a strided view,
+    or one packed by `minirm.packed`)."""
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
@@ -35,14 +36,14 @@ class _Linear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x2, weight)
         ctx.x_shape = x.shape
-        return _product(x2, weight).view(*x.shape[:-1], weight.shape[0])
+        return product(x2, weight).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = _product(dy2, weight.t()).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        dw = _product(dy2.t(), x2.t()) if ctx.needs_input_grad[1] else None
+        dx = product(dy2, weight.t()).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dw = product(dy2.t(), x2.t()) if ctx.needs_input_grad[1] else None
         return dx, dw
 
 
@@ -58,4 +59,4 @@ def linear(x, weight):
         return F.linear(x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _Linear.apply(x, weight)
-    return _product(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    return product(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
