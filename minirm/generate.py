@@ -101,7 +101,7 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top
     if P + max_new_tokens > limit:
         raise UserError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
                         f"model's context of {limit}; shorten the prompt or --max-new-tokens")
-    with packed_for_decoding(model):
+    with packed_for_decoding(model, rows=B):
         return _sample(model, tokens, mask, max_new_tokens, temperature, top_k, top_p,
                        stop_ids, pad_id, generator, progress)
 

@@ -12,11 +12,20 @@ step spends most of its time in these products:
     backward, weight dW = dy^T x          _linear_pointwise(dy^T, x^T)    (views)
 
 `linear(x, weight)` takes this path only where it is the same function and faster: float32 CPU
-tensors, oneDNN present, and a weight of at least MIN_WEIGHTS entries (a toy model's matrices are
-smaller and run as `F.linear`: there a oneDNN call's ~15 us of fixed cost is not won back). The
-results agree with `F.linear` to float32 rounding (the sums are taken in another order;
+tensors, oneDNN present, a weight of at least MIN_WEIGHTS entries (a toy model's matrices are
+smaller and run as `F.linear`: there a oneDNN call's ~15 us of fixed cost is not won back), and a
+machine where oneDNN wins. Which library is faster depends on the processor: on AMD EPYC oneDNN
+is 10-30% ahead, on Intel Xeon MKL is 5-30% ahead of oneDNN (benchmarks/README.md). So
+`faster_here()` times the two on a 1024^3 product, forward and weight-gradient layouts, once per
+process and thread count (~0.1 s), and oneDNN is used only when it is at least 5% faster. The
+environment variable MINIRM_CPU_MATMUL=onednn or =blas fixes the choice instead.
+The results agree with `F.linear` to float32 rounding (the sums are taken in another order;
 tests/test_model.py checks values and gradients).
 """
+
+import math
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +56,37 @@ class _Linear(torch.autograd.Function):
         return dx, dw
 
 
+_FASTER = {}  # torch thread count -> whether oneDNN beat BLAS
+
+
+def _fastest_of(calls, repeats=3):
+    """The fastest wall time of each call, timed in turns after one warm-up call each."""
+    best = [math.inf] * len(calls)
+    for rep in range(repeats + 1):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            if rep:
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def faster_here() -> bool:
+    """Whether oneDNN's float32 products beat torch's BLAS on this machine (see above)."""
+    choice = os.environ.get("MINIRM_CPU_MATMUL", "auto")
+    if choice in ("onednn", "blas"):
+        return choice == "onednn"
+    threads = torch.get_num_threads()
+    if threads not in _FASTER:
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(1024, 1024, generator=g) for _ in range(2))
+        # y = x W^T, and dW = dy^T x (both operands transposed views)
+        t = _fastest_of([lambda: F.linear(a, b), lambda: a.t() @ b,
+                         lambda: product(a, b), lambda: product(a.t(), b.t())])
+        _FASTER[threads] = t[2] + t[3] < 0.95 * (t[0] + t[1])
+    return _FASTER[threads]
+
+
 def applies(x, weight) -> bool:
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and weight.device.type == "cpu" and weight.numel() >= MIN_WEIGHTS
@@ -55,7 +95,7 @@ def applies(x, weight) -> bool:
 
 def linear(x, weight):
     """F.linear(x, weight) (no bias), through oneDNN where that is faster (see above)."""
-    if not applies(x, weight):
+    if not (applies(x, weight) and faster_here()):
         return F.linear(x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _Linear.apply(x, weight)

@@ -188,14 +188,16 @@ def test_sampling_logprobs_are_those_of_the_filtered_distribution():
         assert tok.item() == 0 and lp.item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_packed_decoding_matches_the_plain_model():
-    """minirm.packed: fused and oneDNN-packed projections give the plain model's logits, in
-    prefill and cached decode, tied and untied heads; a weight update is seen at the next
-    call (the packed copy is rebuilt), and toy-sized models are left unpacked."""
+def test_packed_decoding_matches_the_plain_model(monkeypatch):
+    """minirm.packed: both decoding layouts (fused, oneDNN-packed projections; F.linear on the
+    model's own weights) give the plain model's logits, in prefill and cached decode, tied and
+    untied heads; a weight update is seen at the next call (the packed copy is rebuilt), and
+    toy-sized models are left unpacked. Unforced, the layout is timed once and remembered."""
     from minirm import packed
 
     assert not packed.can_pack(Transformer(preset("toy")))
-    for tied in (True, False):
+    for tied, layout in ((True, "onednn"), (False, "onednn"), (True, "blas")):
+        monkeypatch.setenv("MINIRM_CPU_MATMUL", layout)
         cfg = preset("debug", dim=384, ffn_dim=512, n_heads=6, n_kv_heads=2,
                      tie_embeddings=tied)
         model = Transformer(cfg).init_weights(seed=0).eval()
@@ -209,18 +211,28 @@ def test_packed_decoding_matches_the_plain_model():
             return torch.cat([model(tokens, mask, cache), model(step, None, cache)], 1)
 
         plain = run()
-        with packed.packed_for_decoding(model):
+        with packed.packed_for_decoding(model, rows=2):
             assert model.layers[0].attention.packed is not None
+            assert packed.layout_in_use(model) == layout
             torch.testing.assert_close(run(), plain, atol=1e-4, rtol=1e-4)
         assert model.layers[0].attention.packed is None  # plain again outside the block
         with torch.no_grad():
             model.layers[1].feed_forward.w2.weight.mul_(2)  # as an optimizer step would
         changed = run()
         assert not torch.allclose(changed, plain, atol=1e-3)
-        with packed.packed_for_decoding(model):
+        with packed.packed_for_decoding(model, rows=2):
             torch.testing.assert_close(run(), changed, atol=1e-4, rtol=1e-4)
         packed.release(model)
         assert model._packed_cache is None
+
+    monkeypatch.delenv("MINIRM_CPU_MATMUL")
+    monkeypatch.setattr(packed, "_CHOSEN", {})
+    with packed.packed_for_decoding(model, rows=3):
+        chosen = packed.layout_in_use(model)
+    assert chosen in packed.LAYOUTS and list(packed._CHOSEN.values()) == [chosen]
+    monkeypatch.setattr(packed, "_pack", lambda *a: pytest.fail("packed again"))
+    with packed.packed_for_decoding(model, rows=3):  # same weights, same rows: kept as it was
+        assert packed.layout_in_use(model) == chosen
 
 
 def test_sample_categorical_follows_the_distribution():
@@ -241,9 +253,11 @@ def test_sample_categorical_follows_the_distribution():
 def test_onednn_linear_is_f_linear_forward_and_backward(monkeypatch):
     """minirm.onednn: the oneDNN products (forward, input and weight gradients, strided views
     included) give F.linear's numbers; a model step through them gives the same loss and
-    gradients as through F.linear; small matrices keep F.linear."""
+    gradients as through F.linear; small matrices keep F.linear, and so does a machine where
+    BLAS is the faster (measured once, or set by MINIRM_CPU_MATMUL)."""
     from minirm import onednn
 
+    monkeypatch.setenv("MINIRM_CPU_MATMUL", "onednn")  # whichever is faster on this machine
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(320, 256, generator=g, requires_grad=True)
     assert onednn.applies(torch.zeros(1, 256), weight)
@@ -277,3 +291,16 @@ def test_onednn_linear_is_f_linear_forward_and_backward(monkeypatch):
     for name in grads:  # float32 rounding, relative to each gradient's size
         diff = (grads[name] - plain_grads[name]).norm() / plain_grads[name].norm()
         assert diff < 1e-5, (name, diff.item())
+
+    monkeypatch.undo()
+    monkeypatch.setattr(onednn, "product", lambda a, b: pytest.fail("oneDNN called"))
+    monkeypatch.setenv("MINIRM_CPU_MATMUL", "blas")
+    torch.testing.assert_close(onednn.linear(x, weight), want, rtol=0, atol=0)
+    monkeypatch.delenv("MINIRM_CPU_MATMUL")
+    monkeypatch.setattr(onednn, "_FASTER", {})
+    monkeypatch.setattr(onednn, "_fastest_of", lambda calls: [2.0, 2.0, 1.0, 1.0])
+    assert onednn.faster_here() and onednn._FASTER == {torch.get_num_threads(): True}
+    monkeypatch.setattr(onednn, "_fastest_of", lambda calls: [1.0, 1.0, 0.99, 0.99])
+    assert onednn.faster_here()  # measured once per thread count, then remembered
+    monkeypatch.setattr(onednn, "_FASTER", {})
+    assert not onednn.faster_here()  # under 5% faster: BLAS stays
