@@ -19,10 +19,13 @@ padding) give finite, unused outputs instead of NaN.
 What it simplifies, compared with the CUDA FlashAttention-2 kernel:
 - The kernel's parallel grid over query blocks becomes one batched matmul per step: a step takes
   one key block against a tile of several query blocks (up to TILE_SCORES scores), for every
-  batch element and head at once. The Python loop thus runs far fewer times than once per pair
-  of blocks, which is what makes it fast enough on a CPU.
-- Grouped-query attention copies one key/value block per query head for the step that uses it
-  (the kernel would read it G times instead); K and V themselves are never repeated.
+  batch element and key/value head at once. The Python loop thus runs far fewer times than
+  once per pair of blocks, which is what makes it fast enough on a CPU.
+- Grouped-query attention: the G query heads that share a key/value head are stacked as the
+  rows of one matrix (position-major: row t * G + g is position t of head g), so a step
+  multiplies each key/value block once per key/value head, in matmuls G times taller, and K and V
+  are never repeated (the kernel gives each query head its own thread block, which reads the
+  shared block). The rows of a tile then cover all G heads of its query positions.
 - Scores and accumulators are float32 (or float64 for float64 inputs) whatever the input dtype,
   and the inputs are upcast before the matmuls; the kernel multiplies in bf16/fp16 and only
   accumulates in float32. The result is cast back to q's dtype.
@@ -165,98 +168,121 @@ def _tiles(T, S, block, rows):
                 yield a, b, max(a, min(b, j1 - shift)), j0, j1
 
 
-def _per_query_head(x, G):
-    """(B*Hkv, n, D) -> (B*Hq, n, D). Only ever called on one key block: a block-sized copy."""
-    return x if G == 1 else x.repeat_interleave(G, dim=0)
+def _by_group(x, Hkv):
+    """(B, Hq, T, D) -> (B, Hkv, T, G, D): the G query heads of each key/value head side by side
+    at every position. A view of the model's (B, T, Hq, D) layout (and of a contiguous one)."""
+    B, Hq, T, D = x.shape
+    return x.reshape(B, Hkv, Hq // Hkv, T, D).transpose(2, 3)
 
 
-def _sum_per_kv_head(x, G):
-    """(B*Hq, n, D) -> (B*Hkv, n, D): the G query heads of a group add their gradients."""
-    return x if G == 1 else x.view(-1, G, *x.shape[1:]).sum(1)
+def _rows(x5, a, b):
+    """Positions [a, b) of a (B, Hkv, T, G, D) tensor as (B*Hkv, (b - a) * G, D) matmul rows,
+    position-major: a tile-sized copy at most."""
+    B, Hkv, _, G, D = x5.shape
+    return x5[:, :, a:b].reshape(B * Hkv, (b - a) * G, D)
 
 
-def _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B):
-    """Fill -inf where a query row may not see a key. s: (B*Hq, b - a, j1 - j0) scores."""
-    s = s.view(B, -1, *s.shape[1:])                                 # (B, Hq, rows, keys)
+def _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G):
+    """Fill -inf where a query row may not see a key. s: (B*Hkv, (b - a) * G, j1 - j0) scores
+    of query positions [a, b), each G rows (one per query head of the group)."""
+    s = s.view(B, -1, s.shape[1] // G, G, s.shape[2])               # (B, Hkv, rows, G, keys)
     if c > a:  # rows inside the key block: causal, and a padded query still sees itself
         q_pos, k_pos = pos[a + shift:c + shift, None], pos[j0:j1]
         blocked = k_pos > q_pos                                      # (rows, keys)
         if masked_keys is not None:
             blocked = blocked | (masked_keys[:, None, j0:j1] & (k_pos != q_pos))
-        s[:, :, :c - a].masked_fill_(blocked.view(-1, 1, c - a, j1 - j0), float("-inf"))
+        s[:, :, :c - a].masked_fill_(blocked.view(-1, 1, c - a, 1, j1 - j0), float("-inf"))
     if masked_keys is not None and c - a < s.shape[2]:               # rows past the key block
-        s[:, :, c - a:].masked_fill_(masked_keys[:, None, None, j0:j1], float("-inf"))
+        s[:, :, c - a:].masked_fill_(masked_keys[:, None, None, None, j0:j1], float("-inf"))
 
 
 def _flash_forward(q, k, v, key_mask, block):
     """FlashAttention-2 forward (Alg. 1): online softmax over key blocks.
 
     The CUDA kernel runs one thread block per query block, all in parallel; here a tile of query
-    blocks is one batched matmul over (batch, heads). Key blocks are walked from last to first,
-    so each row's first step is the block holding its own position, which it always sees: its
-    running max is finite from the start (no NaN from padding).
+    blocks is one batched matmul over (batch, key/value heads). Key blocks are walked from last
+    to first, so each row's first step is the block holding its own position, which it always
+    sees: its running max is finite from the start (no NaN from padding).
+    Returns the output and the log-sum-exp per row, (B, Hkv, T, G).
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G, shift, scale = Hq // Hkv, S - T, 1 / math.sqrt(D)
     dt = torch.promote_types(q.dtype, torch.float32)                # accumulate in float32 at least
-    Q = q.reshape(B * Hq, T, D).to(dt)
+    # All rows at once (a copy of q: the forward holds less than the backward's peak).
+    Q = _rows(_by_group(q, Hkv), 0, T).to(dt)                        # (B*Hkv, T*G, D)
     K, V = k.reshape(B * Hkv, S, D).to(dt), v.reshape(B * Hkv, S, D).to(dt)
     masked_keys = None if key_mask is None else ~key_mask
     pos = torch.arange(S, device=q.device)
-    m = Q.new_full((B * Hq, T), float("-inf"))                      # running row max
-    l = Q.new_zeros((B * Hq, T))                                     # running row sum
-    # The running unnormalised output takes q's layout where bmm allows it: the model's q is a
-    # transposed (B, T, H, D) tensor, and then the caller's transpose back is free, as after SDPA.
-    out = torch.zeros_like(q, dtype=dt)
-    if not (B == 1 or out.stride(0) == Hq * out.stride(1)):
-        out = q.new_zeros(q.shape, dtype=dt)
-    acc = out.view(B * Hq, T, D)
+    m = Q.new_full((B, Hkv, T, G), float("-inf"))                   # running row max
+    l = Q.new_zeros((B, Hkv, T, G))                                  # running row sum
+    # The running unnormalised output O is kept in the model's (B, T, Hq, D) layout, so the
+    # caller's transpose back to (B, T, Hq * D) is free, as after SDPA.
+    out = q.new_zeros((B, T, Hq, D), dtype=dt)
+    acc = _by_group(out.transpose(1, 2), Hkv)                        # (B, Hkv, T, G, D) view
     for a, b, c, j0, j1 in reversed(list(_tiles(T, S, block, _tile_rows(B, Hq, block)))):
-        K_j, V_j = _per_query_head(K[:, j0:j1], G), _per_query_head(V[:, j0:j1], G)
-        s = torch.bmm(Q[:, a:b], K_j.transpose(1, 2)).mul_(scale)    # S = Q_i K_j^T
-        _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B)
-        m_old = m[:, a:b]
+        Q_i, K_j, V_j = Q[:, a * G:b * G], K[:, j0:j1], V[:, j0:j1]
+        s = torch.bmm(Q_i, K_j.transpose(1, 2)).mul_(scale)          # S = Q_i K_j^T
+        _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G)
+        s = s.view(B, Hkv, b - a, G, j1 - j0)
+        m_old = m[:, :, a:b]
         m_new = torch.maximum(m_old, s.amax(-1))                     # m = max(m_old, rowmax(S))
         p = s.sub_(m_new[..., None]).exp_()                          # P~ = exp(S - m)
         alpha = (m_old - m_new).exp_()                               # alpha = e^(m_old - m)
-        l[:, a:b].mul_(alpha).add_(p.sum(-1))                        # l = alpha l + rowsum(P~)
-        acc[:, a:b].mul_(alpha[..., None]).baddbmm_(p, V_j)          # O = alpha O + P~ V_j
+        l[:, :, a:b].mul_(alpha).add_(p.sum(-1))                     # l = alpha l + rowsum(P~)
+        pv = torch.bmm(p.view(B * Hkv, -1, j1 - j0), V_j).view(B, Hkv, b - a, G, D)
+        acc[:, :, a:b].mul_(alpha[..., None]).add_(pv)               # O = alpha O + P~ V_j
         m_old.copy_(m_new)
-        del s, p  # free this step's scores before the next step allocates its own
+        del s, p, pv  # free this step's scores before the next step allocates its own
     acc.div_(l[..., None])                                           # O = diag(l)^-1 O
     lse = m.add_(l.log_())                                           # L = m + log(l)
-    return out.to(q.dtype), lse
+    return out.transpose(1, 2).to(q.dtype), lse
 
 
 def _flash_backward(q, k, v, out, lse, dout, key_mask, block):
     """FlashAttention-2 backward (Alg. 2): recompute P block by block from L, never store it.
 
-    As in the paper the outer loop is over key blocks: dK_j and dV_j add up over the query tiles
-    below the block, and each tile gets its share of dQ (the CUDA kernel needs atomic adds there).
+    The paper's outer loop is over key blocks, each thread block owning its dK_j and dV_j (and
+    needing atomic adds for dQ). Here query tiles are outermost and dQ, dK and dV are whole
+    buffers that every step adds its share to: dK_j and dV_j sum over the query tiles and over
+    the G query heads sharing them, which are rows of the same matmul.
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G, shift, scale = Hq // Hkv, S - T, 1 / math.sqrt(D)
     dt = torch.promote_types(q.dtype, torch.float32)
-    Q, dO = q.reshape(B * Hq, T, D).to(dt), dout.reshape(B * Hq, T, D).to(dt)
+    Q, dO = _by_group(q, Hkv).to(dt), _by_group(dout, Hkv).to(dt)
     K, V = k.reshape(B * Hkv, S, D).to(dt), v.reshape(B * Hkv, S, D).to(dt)
-    Di = (dO * out.reshape(B * Hq, T, D).to(dt)).sum(-1)            # D_i = rowsum(dO * O)
+    Di = (dout.to(dt) * out.to(dt)).sum(-1)                          # D_i = rowsum(dO * O)
+    Di = Di.reshape(B, Hkv, G, T).transpose(2, 3)                    # (B, Hkv, T, G)
     masked_keys = None if key_mask is None else ~key_mask
     pos = torch.arange(S, device=q.device)
-    dQ, dK, dV = torch.zeros_like(Q), torch.zeros_like(K), torch.zeros_like(V)
-    for a, b, c, j0, j1 in _tiles(T, S, block, _tile_rows(B, Hq, block)):
-        K_j, V_j = _per_query_head(K[:, j0:j1], G), _per_query_head(V[:, j0:j1], G)
-        s = torch.bmm(Q[:, a:b], K_j.transpose(1, 2)).mul_(scale)    # S = Q_i K_j^T
-        _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B)
-        p = s.sub_(lse[:, a:b, None]).exp_()                         # P = exp(S - L)
-        dV_j = torch.bmm(p.transpose(1, 2), dO[:, a:b])              # dV_j += P^T dO_i
-        dV[:, j0:j1] += _sum_per_kv_head(dV_j, G)
-        dp = torch.bmm(dO[:, a:b], V_j.transpose(1, 2))              # dP = dO V_j^T
-        ds = dp.sub_(Di[:, a:b, None]).mul_(p)                       # dS = P * (dP - D_i)
-        dQ[:, a:b].baddbmm_(ds, K_j, alpha=scale)                    # dQ_i += dS K_j
-        dK_j = torch.bmm(ds.transpose(1, 2), Q[:, a:b])              # dK_j += dS^T Q_i
-        dK[:, j0:j1].add_(_sum_per_kv_head(dK_j, G), alpha=scale)
-        del s, p, dp, ds  # free this step's tiles before the next step allocates its own
-    return (dQ.view(q.shape).to(q.dtype), dK.view(k.shape).to(k.dtype),
+    dq = q.new_zeros((B, T, Hq, D), dtype=dt)                        # the model's layout
+    dQ, dK, dV = _by_group(dq.transpose(1, 2), Hkv), torch.zeros_like(K), torch.zeros_like(V)
+    # Query tiles outermost here, so that each tile's rows of Q and dO are gathered once (the
+    # full copies would lift the peak over SDPA's); dK_j and dV_j are whole buffers anyway.
+    rows = _tile_rows(B, Hq, block)
+    tile = None
+    for a, b, c, j0, j1 in sorted(_tiles(T, S, block, rows), key=lambda t: (t[1], t[3])):
+        i0 = (b - 1) // rows * rows                                  # this query tile's first row
+        if tile is None or tile[0] != i0:
+            tile = None  # free the last tile's rows first
+            tile = (i0, _rows(Q, i0, b), _rows(dO, i0, b))
+        K_j, V_j = K[:, j0:j1], V[:, j0:j1]
+        Q_i, dO_i = tile[1][:, (a - i0) * G:], tile[2][:, (a - i0) * G:]
+        s = torch.bmm(Q_i, K_j.transpose(1, 2)).mul_(scale)          # S = Q_i K_j^T
+        _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G)
+        p = s.sub_(lse[:, :, a:b].reshape(B * Hkv, -1, 1)).exp_()    # P = exp(S - L)
+        del s
+        dV[:, j0:j1] += torch.bmm(p.transpose(1, 2), dO_i)           # dV_j += P^T dO_i
+        dp = torch.bmm(dO_i, V_j.transpose(1, 2))                    # dP = dO V_j^T
+        del dO_i  # each tile freed as soon as it is used: the peak stays under SDPA's
+        ds = dp.sub_(Di[:, :, a:b].reshape(B * Hkv, -1, 1)).mul_(p)  # dS = P * (dP - D_i)
+        del p, dp
+        dQ_i = torch.bmm(ds, K_j).view(B, Hkv, b - a, G, D)
+        dQ[:, :, a:b].add_(dQ_i, alpha=scale)                        # dQ_i += dS K_j
+        del dQ_i
+        dK[:, j0:j1].add_(torch.bmm(ds.transpose(1, 2), Q_i), alpha=scale)  # dK_j += dS^T Q_i
+        del ds, Q_i  # free this step's tiles before the next step allocates its own
+    return (dq.transpose(1, 2).to(q.dtype), dK.view(k.shape).to(k.dtype),
             dV.view(v.shape).to(v.dtype))

@@ -304,7 +304,10 @@ def case_train(sh, tf, limits, repeats):
     limit = limits["matmul_flops"]
     tps = [None if t is None else B * T / t for t in (t_ours, t_theirs)]
     fps = [None if t is None else flops / t for t in (t_ours, t_theirs)]
-    note = f"{B}x{T} tokens, {cfg.flops_per_token(T) / 1e9:.2f} GFLOP/token"
+    from minirm import onednn
+    dnn = cfg.dim * cfg.dim >= onednn.MIN_WEIGHTS and onednn.faster_here()
+    note = (f"{B}x{T} tokens, {cfg.flops_per_token(T) / 1e9:.2f} GFLOP/token; minirm's products "
+            f"in {'oneDNN' if dnn else 'BLAS'}")
     if fps[1]:
         note += f"; transformers at {fps[1] / limit:.0%} of matmul"
     return [row("train", "tokens/s", tps[0], tps[1], fps[0] / limit, note),
@@ -348,6 +351,7 @@ def case_generate(sh, tf, limits, repeats):
     from minirm.config import preset
     from minirm.generate import generate, left_pad
     from minirm.model import Transformer
+    from minirm.packed import layout_in_use
 
     cfg = preset(sh.preset)
     model = Transformer(cfg).init_weights(seed=0).eval()
@@ -381,6 +385,8 @@ def case_generate(sh, tf, limits, repeats):
         t_ours, t_theirs = timed(ours, theirs, repeats)
         tps = [None if t is None else B * N / t for t in (t_ours, t_theirs)]
         fraction, note = None, f"{N} new tokens after {min(lengths)}..{max(lengths)}"
+        if layout_in_use(model):
+            note += f"; {layout_in_use(model)} layout"
         if B == 1:
             fraction = weight_bytes * tps[0] / limits["bandwidth_bytes_per_s"]
             note += f"; {weight_bytes / 2**20:.0f} MiB of weights a token"
