@@ -40,7 +40,7 @@ import torch.nn.functional as F
 BACKENDS = ("reference", "flash", "sdpa")
 
 
-def attention(q, k, v, key_mask=None, backend="reference", block=64, allowed=None):
+def attention(q, k, v, key_mask=None, backend="reference", block=128, allowed=None):
     """q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq % Hkv == 0 and S >= T.
     The T queries are the LAST T of the S key positions (query i sits at key position S - T + i);
     this covers plain forward (S == T), prefill and one-token KV-cache decode (T == 1).

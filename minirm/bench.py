@@ -399,6 +399,7 @@ def case_generate(sh, tf, limits, repeats):
 
 def case_attention(sh, tf, limits, repeats):
     from minirm.attention import BACKENDS, attention
+    from minirm.config import ModelConfig
 
     Hq, Hkv, D = sh.heads
     hf_sdpa = None
@@ -427,7 +428,8 @@ def case_attention(sh, tf, limits, repeats):
         theirs = fwd_bwd(hf_sdpa) if hf_sdpa else None
         mem_theirs = peak_bytes(theirs) if theirs else None
         for backend in BACKENDS:  # transformers timed again beside each, in turns
-            ours = fwd_bwd(lambda q, k, v: attention(q, k, v, None, backend=backend, block=64))
+            ours = fwd_bwd(lambda q, k, v: attention(q, k, v, None, backend=backend,
+                                                     block=ModelConfig.flash_block))
             mem_ours = peak_bytes(ours)
             t_ours, t_theirs = timed(ours, theirs, repeats)
             name = f"attention {backend} T={T}"

@@ -64,7 +64,7 @@ class ModelConfig:
     # One of ATTENTION_BACKENDS: "reference" is the readable path, "flash" the hand-written
     # FlashAttention-2, "sdpa" PyTorch's fused kernel (the fastest, so the default).
     attention: str = "sdpa"
-    flash_block: int = 64            # query/key block size of the flash backend
+    flash_block: int = 128           # key block size of the flash backend (benchmarks/README.md)
     bos_id: int | None = None
     eos_ids: tuple = ()              # generation stops at any of these
     pad_id: int | None = None
