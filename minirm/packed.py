@@ -16,9 +16,9 @@ run in whichever of two layouts reads faster on this machine, measured once per 
   Xeon, MKL's kernel reads 30-60% faster than oneDNN's packed one, and a fused gate/up matrix
   reads slower than its two halves.
 
-`choose(model, rows)` times one pass over every layer's products in both layouts (~0.5 s, once
-per process, model shape, thread count and number of rows); MINIRM_CPU_MATMUL=onednn or =blas
-fixes the choice instead. The chosen weights stay with the model for the next `generate` call,
+`choose` times one pass over every layer's products in both layouts (~0.5 s, once per process,
+model shape, thread count and number of rows); MINIRM_CPU_MATMUL=onednn or =blas fixes the
+choice instead. The chosen weights stay with the model for the next `generate` call,
 rebuilt when any weight has changed since (an optimizer step, a load); `release(model)` frees
 them. Packing SmolLM2-135M takes ~0.3 s, so a REINFORCE step repacks after its optimizer
 updates for a small fraction of its rollout time. It applies only where it can help and is
