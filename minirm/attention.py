@@ -272,17 +272,15 @@ def _flash_backward(q, k, v, out, lse, dout, key_mask, block):
         Q_i, dO_i = tile[1][:, (a - i0) * G:], tile[2][:, (a - i0) * G:]
         s = torch.bmm(Q_i, K_j.transpose(1, 2)).mul_(scale)          # S = Q_i K_j^T
         _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G)
-        p = s.sub_(lse[:, :, a:b].reshape(B * Hkv, -1, 1)).exp_()    # P = exp(S - L)
-        del s
+        p = s.sub_(lse[:, :, a:b].reshape(B * Hkv, -1, 1)).exp_()    # P = exp(S - L), in place
         dV[:, j0:j1] += torch.bmm(p.transpose(1, 2), dO_i)           # dV_j += P^T dO_i
         dp = torch.bmm(dO_i, V_j.transpose(1, 2))                    # dP = dO V_j^T
-        del dO_i  # each tile freed as soon as it is used: the peak stays under SDPA's
-        ds = dp.sub_(Di[:, :, a:b].reshape(B * Hkv, -1, 1)).mul_(p)  # dS = P * (dP - D_i)
-        del p, dp
+        ds = dp.sub_(Di[:, :, a:b].reshape(B * Hkv, -1, 1)).mul_(p)  # dS = P * (dP - D_i), in place
+        del s, p  # P's tile freed before dQ_i's is made: the peak stays under SDPA's
         dQ_i = torch.bmm(ds, K_j).view(B, Hkv, b - a, G, D)
         dQ[:, :, a:b].add_(dQ_i, alpha=scale)                        # dQ_i += dS K_j
         del dQ_i
         dK[:, j0:j1].add_(torch.bmm(ds.transpose(1, 2), Q_i), alpha=scale)  # dK_j += dS^T Q_i
-        del ds, Q_i  # free this step's tiles before the next step allocates its own
+        del dp, ds  # free this step's tiles before the next step allocates its own
     return (dq.transpose(1, 2).to(q.dtype), dK.view(k.shape).to(k.dtype),
             dV.view(v.shape).to(v.dtype))
