@@ -57,7 +57,6 @@ median, not a confidence interval (the spread of repeats is not reported).
 
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -172,13 +171,8 @@ def peak_bytes(fn):
 def fastest(fn, repeats):
     """Shortest time of `repeats` calls after a warm-up: a ceiling is what the machine can do
     when nothing else gets in the way, so the limits take the best call, not the median."""
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    from minirm.onednn import fastest_of
+    return fastest_of([fn], repeats)[0]
 
 
 def synced(fn, device):
@@ -305,7 +299,8 @@ def case_train(sh, tf, limits, repeats):
     tps = [None if t is None else B * T / t for t in (t_ours, t_theirs)]
     fps = [None if t is None else flops / t for t in (t_ours, t_theirs)]
     from minirm import onednn
-    dnn = cfg.dim * cfg.dim >= onednn.MIN_WEIGHTS and onednn.faster_here()
+    wq = model.layers[0].attention.wq.weight
+    dnn = onednn.applies(tokens.new_empty(1, cfg.dim, dtype=wq.dtype), wq) and onednn.faster_here()
     note = (f"{B}x{T} tokens, {cfg.flops_per_token(T) / 1e9:.2f} GFLOP/token; minirm's products "
             f"in {'oneDNN' if dnn else 'BLAS'}")
     if fps[1]:

@@ -59,7 +59,7 @@ class _Linear(torch.autograd.Function):
 _FASTER = {}  # torch thread count -> whether oneDNN beat BLAS
 
 
-def _fastest_of(calls, repeats=3):
+def fastest_of(calls, repeats=3):
     """The fastest wall time of each call, timed in turns after one warm-up call each."""
     best = [math.inf] * len(calls)
     for rep in range(repeats + 1):
@@ -81,7 +81,7 @@ def faster_here() -> bool:
         g = torch.Generator().manual_seed(0)
         a, b = (torch.randn(1024, 1024, generator=g) for _ in range(2))
         # y = x W^T, and dW = dy^T x (both operands transposed views)
-        t = _fastest_of([lambda: F.linear(a, b), lambda: a.t() @ b,
+        t = fastest_of([lambda: F.linear(a, b), lambda: a.t() @ b,
                          lambda: product(a, b), lambda: product(a.t(), b.t())])
         _FASTER[threads] = t[2] + t[3] < 0.95 * (t[0] + t[1])
     return _FASTER[threads]

@@ -131,7 +131,7 @@ def choose(model, rows: int, built: dict) -> str:
         for name in LAYOUTS:
             if name not in built:
                 built[name] = _pack(model, name)
-        times = onednn._fastest_of([
+        times = onednn.fastest_of([
             lambda name=name: _products(*built[name], rows, cfg.dim, cfg.ffn_dim)
             for name in LAYOUTS])
         _CHOSEN[key] = LAYOUTS[times.index(min(times))]

@@ -298,9 +298,9 @@ def test_onednn_linear_is_f_linear_forward_and_backward(monkeypatch):
     torch.testing.assert_close(onednn.linear(x, weight), want, rtol=0, atol=0)
     monkeypatch.delenv("MINIRM_CPU_MATMUL")
     monkeypatch.setattr(onednn, "_FASTER", {})
-    monkeypatch.setattr(onednn, "_fastest_of", lambda calls: [2.0, 2.0, 1.0, 1.0])
+    monkeypatch.setattr(onednn, "fastest_of", lambda calls: [2.0, 2.0, 1.0, 1.0])
     assert onednn.faster_here() and onednn._FASTER == {torch.get_num_threads(): True}
-    monkeypatch.setattr(onednn, "_fastest_of", lambda calls: [1.0, 1.0, 0.99, 0.99])
+    monkeypatch.setattr(onednn, "fastest_of", lambda calls: [1.0, 1.0, 0.99, 0.99])
     assert onednn.faster_here()  # measured once per thread count, then remembered
     monkeypatch.setattr(onednn, "_FASTER", {})
     assert not onednn.faster_here()  # under 5% faster: BLAS stays
