@@ -30,6 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from minirm.errors import UserError
+
 MIN_WEIGHTS = 2**16  # SmolLM2-135M's smallest projection (k, v) has 110,592
 
 
@@ -71,11 +73,19 @@ def fastest_of(calls, repeats=3):
     return best
 
 
+def forced() -> str | None:
+    """"onednn" or "blas" when MINIRM_CPU_MATMUL fixes the CPU products' library, else None."""
+    choice = os.environ.get("MINIRM_CPU_MATMUL", "auto")
+    if choice not in ("auto", "onednn", "blas"):
+        raise UserError(f"MINIRM_CPU_MATMUL={choice!r} is not a choice; set it to auto, onednn "
+                        "or blas, or unset it")
+    return None if choice == "auto" else choice
+
+
 def faster_here() -> bool:
     """Whether oneDNN's float32 products beat torch's BLAS on this machine (see above)."""
-    choice = os.environ.get("MINIRM_CPU_MATMUL", "auto")
-    if choice in ("onednn", "blas"):
-        return choice == "onednn"
+    if forced():
+        return forced() == "onednn"
     threads = torch.get_num_threads()
     if threads not in _FASTER:
         g = torch.Generator().manual_seed(0)

@@ -27,7 +27,6 @@ of at least MIN_WEIGHTS, gradients off. Elsewhere the model runs as written. Bot
 with `F.linear` to float32 rounding (tests/test_model.py).
 """
 
-import os
 from contextlib import contextmanager
 
 import torch
@@ -121,9 +120,8 @@ def choose(model, rows: int, built: dict) -> str:
     """The layout whose products read fastest here for `rows` rows at once: one pass over all
     layers in each, timed in turns, the fastest of three passes each. Layouts it builds to time
     them are left in `built` (name -> weights)."""
-    forced = os.environ.get("MINIRM_CPU_MATMUL", "auto")
-    if forced in LAYOUTS:
-        return forced
+    if onednn.forced():
+        return onednn.forced()
     cfg = model.cfg
     key = (cfg.dim, cfg.ffn_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size,
            model.score is None, torch.get_num_threads(), rows)

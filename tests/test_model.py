@@ -256,6 +256,7 @@ def test_onednn_linear_is_f_linear_forward_and_backward(monkeypatch):
     gradients as through F.linear; small matrices keep F.linear, and so does a machine where
     BLAS is the faster (measured once, or set by MINIRM_CPU_MATMUL)."""
     from minirm import onednn
+    from minirm.errors import UserError
 
     monkeypatch.setenv("MINIRM_CPU_MATMUL", "onednn")  # whichever is faster on this machine
     g = torch.Generator().manual_seed(0)
@@ -304,3 +305,6 @@ def test_onednn_linear_is_f_linear_forward_and_backward(monkeypatch):
     assert onednn.faster_here()  # measured once per thread count, then remembered
     monkeypatch.setattr(onednn, "_FASTER", {})
     assert not onednn.faster_here()  # under 5% faster: BLAS stays
+    monkeypatch.setenv("MINIRM_CPU_MATMUL", "mkl")
+    with pytest.raises(UserError, match="MINIRM_CPU_MATMUL='mkl' is not a choice"):
+        onednn.linear(x, weight)
