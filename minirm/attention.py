@@ -175,11 +175,13 @@ def _by_group(x, Hkv):
     return x.reshape(B, Hkv, Hq // Hkv, T, D).transpose(2, 3)
 
 
-def _rows(x5, a, b):
+def _rows(x5, a, b, dtype, scale=1.0):
     """Positions [a, b) of a (B, Hkv, T, G, D) tensor as (B*Hkv, (b - a) * G, D) matmul rows,
-    position-major: a tile-sized copy at most."""
+    position-major, in `dtype` and times `scale`: a new tensor."""
     B, Hkv, _, G, D = x5.shape
-    return x5[:, :, a:b].reshape(B * Hkv, (b - a) * G, D)
+    rows = x5.new_empty((B * Hkv, (b - a) * G, D), dtype=dtype)
+    rows.view(B, Hkv, b - a, G, D).copy_(x5[:, :, a:b])
+    return rows.mul_(scale) if scale != 1 else rows
 
 
 def _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G):
@@ -209,8 +211,9 @@ def _flash_forward(q, k, v, key_mask, block):
     Hkv, S = k.shape[1], k.shape[2]
     G, shift, scale = Hq // Hkv, S - T, 1 / math.sqrt(D)
     dt = torch.promote_types(q.dtype, torch.float32)                # accumulate in float32 at least
-    # All rows at once (a copy of q: the forward holds less than the backward's peak).
-    Q = _rows(_by_group(q, Hkv), 0, T).to(dt)                        # (B*Hkv, T*G, D)
+    # All rows at once (a copy of q: the forward holds less than the backward's peak), with the
+    # 1/sqrt(d) folded in: Q K^T / sqrt(d) without a pass over every score tile to scale it.
+    Q = _rows(_by_group(q, Hkv), 0, T, dt, scale)                    # (B*Hkv, T*G, D)
     K, V = k.reshape(B * Hkv, S, D).to(dt), v.reshape(B * Hkv, S, D).to(dt)
     masked_keys = None if key_mask is None else ~key_mask
     pos = torch.arange(S, device=q.device)
@@ -222,7 +225,7 @@ def _flash_forward(q, k, v, key_mask, block):
     acc = _by_group(out.transpose(1, 2), Hkv)                        # (B, Hkv, T, G, D) view
     for a, b, c, j0, j1 in reversed(list(_tiles(T, S, block, _tile_rows(B, Hq, block)))):
         Q_i, K_j, V_j = Q[:, a * G:b * G], K[:, j0:j1], V[:, j0:j1]
-        s = torch.bmm(Q_i, K_j.transpose(1, 2)).mul_(scale)          # S = Q_i K_j^T
+        s = torch.bmm(Q_i, K_j.transpose(1, 2))                      # S = Q_i K_j^T / sqrt(d)
         _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G)
         s = s.view(B, Hkv, b - a, G, j1 - j0)
         m_old = m[:, :, a:b]
@@ -251,7 +254,7 @@ def _flash_backward(q, k, v, out, lse, dout, key_mask, block):
     Hkv, S = k.shape[1], k.shape[2]
     G, shift, scale = Hq // Hkv, S - T, 1 / math.sqrt(D)
     dt = torch.promote_types(q.dtype, torch.float32)
-    Q, dO = _by_group(q, Hkv).to(dt), _by_group(dout, Hkv).to(dt)
+    Q, dO = _by_group(q, Hkv), _by_group(dout, Hkv)                  # views; tiles convert
     K, V = k.reshape(B * Hkv, S, D).to(dt), v.reshape(B * Hkv, S, D).to(dt)
     Di = (dout.to(dt) * out.to(dt)).sum(-1)                          # D_i = rowsum(dO * O)
     Di = Di.reshape(B, Hkv, G, T).transpose(2, 3)                    # (B, Hkv, T, G)
@@ -267,20 +270,22 @@ def _flash_backward(q, k, v, out, lse, dout, key_mask, block):
         i0 = (b - 1) // rows * rows                                  # this query tile's first row
         if tile is None or tile[0] != i0:
             tile = None  # free the last tile's rows first
-            tile = (i0, _rows(Q, i0, b), _rows(dO, i0, b))
+            # Q's rows come scaled by 1/sqrt(d), as in the forward: S needs no scaling pass, and
+            # dS^T (Q_i / sqrt(d)) is dK_j's share with the scale already in.
+            tile = (i0, _rows(Q, i0, b, dt, scale), _rows(dO, i0, b, dt))
         K_j, V_j = K[:, j0:j1], V[:, j0:j1]
         Q_i, dO_i = tile[1][:, (a - i0) * G:], tile[2][:, (a - i0) * G:]
-        s = torch.bmm(Q_i, K_j.transpose(1, 2)).mul_(scale)          # S = Q_i K_j^T
+        s = torch.bmm(Q_i, K_j.transpose(1, 2))                      # S = Q_i K_j^T / sqrt(d)
         _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G)
         p = s.sub_(lse[:, :, a:b].reshape(B * Hkv, -1, 1)).exp_()    # P = exp(S - L), in place
-        dV[:, j0:j1] += torch.bmm(p.transpose(1, 2), dO_i)           # dV_j += P^T dO_i
+        dV[:, j0:j1].baddbmm_(p.transpose(1, 2), dO_i)               # dV_j += P^T dO_i
         dp = torch.bmm(dO_i, V_j.transpose(1, 2))                    # dP = dO V_j^T
         ds = dp.sub_(Di[:, :, a:b].reshape(B * Hkv, -1, 1)).mul_(p)  # dS = P * (dP - D_i), in place
         del s, p  # P's tile freed before dQ_i's is made: the peak stays under SDPA's
         dQ_i = torch.bmm(ds, K_j).view(B, Hkv, b - a, G, D)
-        dQ[:, :, a:b].add_(dQ_i, alpha=scale)                        # dQ_i += dS K_j
+        dQ[:, :, a:b].add_(dQ_i, alpha=scale)                        # dQ_i += dS K_j / sqrt(d)
         del dQ_i
-        dK[:, j0:j1].add_(torch.bmm(ds.transpose(1, 2), Q_i), alpha=scale)  # dK_j += dS^T Q_i
+        dK[:, j0:j1].baddbmm_(ds.transpose(1, 2), Q_i)               # dK_j += dS^T Q_i / sqrt(d)
         del dp, ds  # free this step's tiles before the next step allocates its own
     return (dq.transpose(1, 2).to(q.dtype), dK.view(k.shape).to(k.dtype),
             dV.view(v.shape).to(v.dtype))
