@@ -79,7 +79,9 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.packed = None  # (qkv, wo) while decoding with packed weights (minirm.packed)
 
-    def forward(self, x, cos, sin, key_mask, cache=None, layer=0, allowed=None):
+    def forward(self, x, cos, sin, key_mask, cache=None, layer=0, allowed=None, read=None):
+        if read is not None:
+            return self.read_out(x, cos, sin, key_mask, read)
         B, T, _ = x.shape
         packed = self.packed if not torch.is_grad_enabled() else None
         q, k, v = packed[0](x) if packed else (self.wq(x), self.wk(x), self.wv(x))
@@ -94,6 +96,27 @@ class Attention(nn.Module):
                         allowed=allowed)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return packed[1](out) if packed else self.wo(out)
+
+    def read_out(self, x, cos, sin, key_mask, read):
+        """The output at one position per row, `read` (B,): every position's key and value,
+        but only that position's query. One query per row, so the scores are a (B, heads, T)
+        vector and the plain formula (the reference backend) computes them in one product."""
+        B, T, _ = x.shape
+        rows = torch.arange(B, device=x.device)
+        q = self.wq(x[rows, read][:, None]).view(B, 1, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q = apply_rope(q, cos[rows, read][:, None], sin[rows, read][:, None])
+        k = apply_rope(k, cos, sin)
+        # Query read[b] sees key j iff j <= read[b] and (key j is real or j is read[b]): the
+        # rule of `attention`, whose own mask would put the query at the last key instead.
+        pos = torch.arange(T, device=x.device)
+        sees = pos <= read[:, None]
+        if key_mask is not None:
+            sees = sees & (key_mask | (pos == read[:, None]))
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                        backend="reference", allowed=sees[:, None, None, :])
+        return self.wo(out.transpose(1, 2).reshape(B, 1, -1))
 
 
 class FeedForward(nn.Module):
@@ -122,8 +145,15 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, key_mask, cache=None, layer=0, allowed=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, key_mask, cache, layer, allowed)
+    def forward(self, x, cos, sin, key_mask, cache=None, layer=0, allowed=None, read=None):
+        """The block's output (B, T, dim), or with `read` (B,) only at those positions,
+        (B, 1, dim): the reward reads one position, and the last block's other outputs would
+        be thrown away (`Transformer.body`)."""
+        h = self.attention(self.attention_norm(x), cos, sin, key_mask, cache, layer, allowed,
+                           read)
+        if read is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), read][:, None]
+        x = x + h
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -216,9 +246,17 @@ class Transformer(nn.Module):
             self.score.float()
         return self
 
-    def body(self, tokens, mask=None, cache=None):
-        """Hidden states (B, T, dim) after the last block, before the final norm."""
+    def body(self, tokens, mask=None, cache=None, read=None):
+        """Hidden states (B, T, dim) after the last block, before the final norm.
+
+        With `read`, a (B,) tensor of positions (or (1,), the same for every row), only the
+        hidden state at each row's position, (B, dim). The last block then needs every
+        position's keys and values but nothing else of the other positions: their queries,
+        attention, output projection and feed-forward are skipped, 1/n_layers of the work."""
         B, T = tokens.shape
+        if cache is not None and read is not None:
+            raise ValueError("read= computes the last block at a few positions; a KV cache "
+                             "needs all of them")
         if cache is not None:
             if mask is None:
                 mask = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
@@ -241,16 +279,18 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         # sin comes with its first half negated, as apply_rope takes it.
         cos, sin = rope_cos_sin(self.inv_freq(tokens.device), positions, x.dtype)
+        last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            r = read if i == last_layer else None
             if self.activation_checkpointing and self.training and cache is None:
                 # Keep only block inputs; recompute the block in backward (memory for time).
-                x = checkpoint(layer, x, cos, sin, key_mask, None, i, allowed,
+                x = checkpoint(layer, x, cos, sin, key_mask, None, i, allowed, r,
                                use_reentrant=False)
             else:
-                x = layer(x, cos, sin, key_mask, cache, i, allowed)
+                x = layer(x, cos, sin, key_mask, cache, i, allowed, r)
         if cache is not None:
             cache.advance(mask.bool())
-        return x
+        return x if read is None else x[:, 0]
 
     def logits_from(self, h):
         """Language-model logits from final-norm hidden states."""
@@ -270,10 +310,9 @@ class Transformer(nn.Module):
         """Reward head outputs (B, n_outputs), float32, read at each row's last real token."""
         if self.score is None:
             raise ValueError("this model has no reward head (n_outputs=0)")
-        h = self.body(tokens, mask)
         last = last_token_index(mask, tokens.shape[1], tokens.device)
-        h_last = self.norm(h[torch.arange(h.shape[0], device=h.device), last])
-        with torch.autocast(device_type=h.device.type, enabled=False):  # head in float32
+        h_last = self.norm(self.body(tokens, mask, read=last))
+        with torch.autocast(device_type=h_last.device.type, enabled=False):  # head in float32
             return self.score(h_last.float())
 
 

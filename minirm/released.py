@@ -53,9 +53,8 @@ def token0_reward(model):
     _row0(model)  # fail now, not in the middle of a data set
 
     def reward_fn(tokens, mask=None):
-        h = model.body(tokens, mask)
         last = last_token_index(mask, tokens.shape[1], tokens.device)
-        h_last = model.norm(h[torch.arange(h.shape[0], device=h.device), last])
+        h_last = model.norm(model.body(tokens, mask, read=last))
         return (h_last.float() @ _row0(model).float())[:, None]
 
     return reward_fn

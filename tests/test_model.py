@@ -6,7 +6,8 @@ import torch
 from minirm.checkpoint import load_model, save_model
 from minirm.config import preset
 from minirm.generate import generate, left_pad
-from minirm.model import KVCache, Transformer, apply_rope, rope_cos_sin
+from minirm.model import (KVCache, Transformer, apply_rope, last_token_index,
+                          rope_cos_sin)
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -121,6 +122,32 @@ def test_padding_and_batch_do_not_change_outputs(side):
             sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
             torch.testing.assert_close(batch_logits[i, sl], lm(alone)[0],
                                        atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "flash", "sdpa"])
+def test_reading_one_position_equals_the_full_last_block(backend, checkpointing):
+    """body(read=last) skips the last block's work at unread positions; the reward and every
+    gradient equal those of the full computation indexed afterwards (float64, so exactly)."""
+    cfg = preset("debug", n_outputs=2, attention=backend, flash_block=4)
+    model = Transformer(cfg).init_weights(seed=3).double().train()
+    model.activation_checkpointing = checkpointing
+    x = tokens(4, 11, 256, seed=7)
+    masks = {"none": None}
+    for kind, cuts in {"left": [(1, 0, 4), (2, 0, 1)], "right": [(1, 7, 11), (3, 10, 11)],
+                       "mixed": [(1, 7, 11), (2, 0, 3)]}.items():
+        masks[kind] = torch.ones(4, 11, dtype=torch.bool)
+        for row, a, b in cuts:
+            masks[kind][row, a:b] = False
+    for kind, mask in masks.items():
+        last = last_token_index(mask, 11)
+        full = model.body(x, mask)[torch.arange(4), last]
+        read = model.body(x, mask, read=last)
+        want = torch.autograd.grad(model.score(model.norm(full)).sum(), model.parameters())
+        got = torch.autograd.grad(model.score(model.norm(read)).sum(), model.parameters())
+        torch.testing.assert_close(read, full, rtol=0, atol=1e-12, msg=kind)
+        for g_got, g_want in zip(got, want):
+            torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12, msg=kind)
 
 
 @pytest.mark.parametrize("backend", ["reference", "flash", "sdpa"])
