@@ -252,7 +252,8 @@ class Transformer(nn.Module):
         With `read`, a (B,) tensor of positions (or (1,), the same for every row), only the
         hidden state at each row's position, (B, dim). The last block then needs every
         position's keys and values but nothing else of the other positions: their queries,
-        attention, output projection and feed-forward are skipped, 1/n_layers of the work."""
+        attention, output projection and feed-forward are skipped, nearly 1/n_layers of the
+        work."""
         B, T = tokens.shape
         if cache is not None and read is not None:
             raise ValueError("read= computes the last block at a few positions; a KV cache "
