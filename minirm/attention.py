@@ -122,11 +122,16 @@ def _sdpa(q, k, v, key_mask, allowed=None):
 # ---------------------------------------------------------------------------------------- flash
 
 class _FlashAttention(torch.autograd.Function):
-    """Saves q, k, v, out and the log-sum-exp per row: O(T * D), never O(T * S)."""
+    """Saves q, k, v, out and the log-sum-exp per row: O(T * D), never O(T * S).
+
+    Both passes choose their own dtypes (float32 tiles at least), so autocast is switched off
+    inside them: under it, a backward run in an autocast region would get bf16 tiles from
+    `bmm` and mix them with float32 accumulators."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_mask, block):
-        out, lse = _flash_forward(q, k, v, key_mask, block)
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = _flash_forward(q, k, v, key_mask, block)
         ctx.save_for_backward(q, k, v, out, lse, key_mask)
         ctx.block = block
         return out
@@ -134,7 +139,8 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, key_mask = ctx.saved_tensors
-        dq, dk, dv = _flash_backward(q, k, v, out, lse, dout, key_mask, ctx.block)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _flash_backward(q, k, v, out, lse, dout, key_mask, ctx.block)
         return dq, dk, dv, None, None
 
 

@@ -208,6 +208,18 @@ def test_flash_half_precision():
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
 
 
+def test_flash_inside_autocast():
+    """Forward and backward run inside a bf16 autocast region (the backward too, as when a
+    loss is backpropagated within it): the flash passes keep their own float32 tiles."""
+    q, k, v, dout = _inputs(2, 4, 2, 40, 40, 16)
+    key_mask = _padding(2, 40, "left")
+    ref = _run("reference", q.double(), k.double(), v.double(), dout.double(), key_mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run("flash", q, k, v, dout, key_mask, block=16)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
 def test_flash_under_torch_compile():
     # aot_eager traces forward and backward like inductor does, without inductor's C++ compile
     # (which takes ~20 s on CPU); fullgraph=True fails on any graph break, e.g. a host sync.
