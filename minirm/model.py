@@ -100,7 +100,8 @@ class Attention(nn.Module):
     def read_out(self, x, cos, sin, key_mask, read):
         """The output at one position per row, `read` (B,): every position's key and value,
         but only that position's query. One query per row, so the scores are a (B, heads, T)
-        vector and the plain formula (the reference backend) computes them in one product."""
+        vector and the plain formula (the reference backend) computes them in one product, in
+        float32 at least (what SDPA and the flash backend accumulate in)."""
         B, T, _ = x.shape
         rows = torch.arange(B, device=x.device)
         q = self.wq(x[rows, read][:, None]).view(B, 1, -1, self.head_dim)
@@ -114,9 +115,12 @@ class Attention(nn.Module):
         sees = pos <= read[:, None]
         if key_mask is not None:
             sees = sees & (key_mask | (pos == read[:, None]))
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                        backend="reference", allowed=sees[:, None, None, :])
-        return self.wo(out.transpose(1, 2).reshape(B, 1, -1))
+        dt = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            out = attention(q.transpose(1, 2).to(dt), k.transpose(1, 2).to(dt),
+                            v.transpose(1, 2).to(dt), backend="reference",
+                            allowed=sees[:, None, None, :])
+        return self.wo(out.to(v.dtype).transpose(1, 2).reshape(B, 1, -1))
 
 
 class FeedForward(nn.Module):
@@ -255,6 +259,8 @@ class Transformer(nn.Module):
         attention, output projection and feed-forward are skipped, nearly 1/n_layers of the
         work."""
         B, T = tokens.shape
+        if read is not None:
+            read = read % T  # -1 is the last position, as in indexing
         if cache is not None and read is not None:
             raise ValueError("read= computes the last block at a few positions; a KV cache "
                              "needs all of them")

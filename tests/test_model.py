@@ -148,6 +148,28 @@ def test_reading_one_position_equals_the_full_last_block(backend, checkpointing)
         torch.testing.assert_close(read, full, rtol=0, atol=1e-12, msg=kind)
         for g_got, g_want in zip(got, want):
             torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12, msg=kind)
+    # -1 reads the last position, as indexing does.
+    torch.testing.assert_close(model.body(x, read=torch.tensor([-1])), model.body(x)[:, -1],
+                               rtol=0, atol=1e-12)
+
+
+def test_reading_one_position_in_bfloat16():
+    """A bf16 model's read path (its one attention row in float32) agrees with the float64
+    rewards to bf16 rounding, as the full computation does (errors ~1e-3 on rewards ~0.3)."""
+    cfg = preset("debug", n_outputs=1, attention="sdpa")
+    exact = Transformer(cfg).init_weights(seed=4).double().eval()
+    bf16 = Transformer(cfg).init_weights(seed=4).cast(torch.bfloat16).eval()
+    x = tokens(4, 30, 256, seed=2)
+    mask = torch.ones(4, 30, dtype=torch.bool)
+    mask[1, 20:] = False
+    mask[2, :7] = False
+    last = last_token_index(mask, 30)
+    with torch.no_grad():
+        want = exact.score(exact.norm(exact.body(x, mask, read=last)))
+        full = bf16.score(bf16.norm(bf16.body(x, mask)[torch.arange(4), last]).float())
+        read = bf16.reward(x, mask)
+    torch.testing.assert_close(full.double(), want, atol=5e-3, rtol=0)
+    torch.testing.assert_close(read.double(), want, atol=5e-3, rtol=0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "flash", "sdpa"])
