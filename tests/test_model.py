@@ -151,6 +151,8 @@ def test_reading_one_position_equals_the_full_last_block(backend, checkpointing)
     # -1 reads the last position, as indexing does.
     torch.testing.assert_close(model.body(x, read=torch.tensor([-1])), model.body(x)[:, -1],
                                rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="KV cache"):  # decoding needs every position
+        model.body(x, cache=KVCache(cfg.n_layers, 4, 11), read=torch.tensor([-1]))
 
 
 def test_reading_one_position_in_bfloat16():
