@@ -555,6 +555,37 @@ def collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return tokens, mask
 
 
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share (their prompt, at least), keeping at least
+    one token of each out of it: the reward is read at the last token, which must follow."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return min(n, len(a) - 1, len(b) - 1)
+
+
+def collate_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int):
+    """Preference pairs [(chosen ids, rejected ids)] as a batch whose shared prompts are
+    computed once (`Transformer.reward(tokens, mask, prompts)`): the continuations after each
+    pair's shared prefix (2P, Lt), chosen rows first, right-padded, with their mask, and
+    `prompts` = (the prefixes (P, Lp) left-padded, their mask, the prefix row of each
+    continuation). A pair whose sequences share nothing gets an empty, fully padded prefix."""
+    cut = [shared_prefix(c, r) for c, r in pairs]
+    tokens, mask = collate([c[n:] for (c, _), n in zip(pairs, cut)]
+                           + [r[n:] for (_, r), n in zip(pairs, cut)], pad_id)
+    width = max(cut)
+    prefix = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros(prefix.shape, dtype=torch.bool)
+    for i, ((c, _), n) in enumerate(zip(pairs, cut)):
+        if n:
+            prefix[i, width - n:] = torch.tensor(c[:n], dtype=torch.long)
+            prefix_mask[i, width - n:] = True
+    rows = torch.arange(len(pairs)).repeat(2)
+    return tokens, mask, (prefix, prefix_mask, rows)
+
+
 def batches(lengths: list[int], batch_size: int, seed: int, epoch: int, shuffle=True,
             bucket=True) -> list[list[int]]:
     """Index lists of `batch_size` (the last may be smaller), the same for the same (seed, epoch).

@@ -31,8 +31,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         if x.dtype == torch.float32:  # the same formula in one kernel (fewer calls per token)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in float32 and cast back before the gain, as the Llama reference does.
-        x32 = x.float()
+        # Normalise in float32 (at least: float64 stays) and cast back before the gain, as the
+        # Llama reference does.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -81,7 +82,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, key_mask, cache=None, layer=0, allowed=None, read=None):
         if read is not None:
-            return self.read_out(x, cos, sin, key_mask, read)
+            return self.read_out(x, cos, sin, key_mask, read, cache, layer)
         B, T, _ = x.shape
         packed = self.packed if not torch.is_grad_enabled() else None
         q, k, v = packed[0](x) if packed else (self.wq(x), self.wk(x), self.wv(x))
@@ -97,28 +98,33 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, -1)
         return packed[1](out) if packed else self.wo(out)
 
-    def read_out(self, x, cos, sin, key_mask, read):
+    def read_out(self, x, cos, sin, key_mask, read, cache=None, layer=0):
         """The output at one position per row, `read` (B,): every position's key and value,
-        but only that position's query. One query per row, so the scores are a (B, heads, T)
+        but only that position's query. One query per row, so the scores are a (B, heads, S)
         vector and the plain formula (the reference backend) computes them in one product, in
-        float32 at least (what SDPA and the flash backend accumulate in)."""
+        float32 at least (what SDPA and the flash backend accumulate in). With `cache` (the
+        keys and values of shared prompts), the keys are the prompt's followed by these."""
         B, T, _ = x.shape
         rows = torch.arange(B, device=x.device)
         q = self.wq(x[rows, read][:, None]).view(B, 1, -1, self.head_dim)
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         q = apply_rope(q, cos[rows, read][:, None], sin[rows, read][:, None])
-        k = apply_rope(k, cos, sin)
-        # Query read[b] sees key j iff j <= read[b] and (key j is real or j is read[b]): the
-        # rule of `attention`, whose own mask would put the query at the last key instead.
-        pos = torch.arange(T, device=x.device)
-        sees = pos <= read[:, None]
+        k, v = apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, head_dim)
+        # The read query sits at key position `at`, and sees key j iff j <= at and (key j is
+        # real or j is at): the rule of `attention`, whose own mask would put the query at the
+        # last key instead.
+        S = k.shape[2]
+        at = (read + S - T)[:, None]
+        pos = torch.arange(S, device=x.device)
+        sees = pos <= at
         if key_mask is not None:
-            sees = sees & (key_mask | (pos == read[:, None]))
+            sees = sees & (key_mask | (pos == at))
         dt = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            out = attention(q.transpose(1, 2).to(dt), k.transpose(1, 2).to(dt),
-                            v.transpose(1, 2).to(dt), backend="reference",
+            out = attention(q.transpose(1, 2).to(dt), k.to(dt), v.to(dt), backend="reference",
                             allowed=sees[:, None, None, :])
         return self.wo(out.to(v.dtype).transpose(1, 2).reshape(B, 1, -1))
 
@@ -204,6 +210,61 @@ class KVCache(nn.Module):
         self.pos += mask.shape[1]
 
 
+class SharedPrompts:
+    """The keys and values of prompts computed once for several continuations each: a preference
+    pair's chosen and rejected responses share their prompt, and the prompt's part of the work
+    (everything but attention from the responses) need not be done twice.
+
+    Two passes of `Transformer.body`, with this object in place of a KV cache. The first runs
+    the prompts (P, Lp), left-padded, and records every layer's keys and values (after RoPE),
+    with their gradients. The second runs the continuations (B, Lt), right-padded, with
+    `continued(rows)`: row b continues prompt rows[b], its positions count on from that
+    prompt's length, and its queries attend to the prompt's keys followed by its own. That is
+    the KV-cache prefill of `minirm.generate`, made differentiable, so each continuation gets
+    the same outputs, and the prompt the same gradients (summed over its continuations), as
+    the whole sequences would in one pass.
+    """
+
+    def __init__(self, mask):
+        self.prompt_mask = mask.bool()     # (P, Lp): real prompt tokens
+        self.lengths = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        self.k, self.v = {}, {}            # layer -> (P, Hkv, Lp, head_dim)
+
+    def start(self, mask):
+        return mask
+
+    def update(self, layer, k, v):
+        # By layer, not appended: activation checkpointing runs a block again in backward.
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def advance(self, mask):
+        pass
+
+    def continued(self, rows):
+        """The second pass's view: row b of the continuations follows prompt rows[b]."""
+        return _Continued(self, rows)
+
+
+class _Continued:
+    def __init__(self, shared: SharedPrompts, rows):
+        self.rows = rows
+        self.k, self.v = dict(shared.k), dict(shared.v)
+        self.prompt_mask = shared.prompt_mask[rows]
+        self.lengths = self.prompt_mask.sum(-1)
+
+    def start(self, mask):
+        """The key mask over the prompt's slots and then the continuation's."""
+        return torch.cat((self.prompt_mask, mask), dim=1)
+
+    def update(self, layer, k, v):
+        return (torch.cat((self.k[layer][self.rows], k), dim=2),
+                torch.cat((self.v[layer][self.rows], v), dim=2))
+
+    def advance(self, mask):
+        pass
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -250,18 +311,18 @@ class Transformer(nn.Module):
             self.score.float()
         return self
 
-    def body(self, tokens, mask=None, cache=None, read=None):
+    def body(self, tokens, mask=None, cache=None, read=None, embedded=None):
         """Hidden states (B, T, dim) after the last block, before the final norm.
 
         With `read`, a (B,) tensor of positions (or (1,), the same for every row), only the
         hidden state at each row's position, (B, dim). The last block then needs every
         position's keys and values but nothing else of the other positions: their queries,
         attention, output projection and feed-forward are skipped, nearly 1/n_layers of the
-        work."""
+        work. `embedded` is the tokens' embeddings (B, T, dim) when the caller has them."""
         B, T = tokens.shape
         if read is not None:
             read = read % T  # -1 is the last position, as in indexing
-        if cache is not None and read is not None:
+        if isinstance(cache, KVCache) and read is not None:
             raise ValueError("read= computes the last block at a few positions; a KV cache "
                              "needs all of them")
         if cache is not None:
@@ -283,15 +344,16 @@ class Transformer(nn.Module):
         allowed = None
         if key_mask is not None and self.layers[0].attention.backend != "flash":
             allowed = build_mask(key_mask, T, key_mask.shape[1], tokens.device)
-        x = self.tok_embeddings(tokens)
+        x = self.tok_embeddings(tokens) if embedded is None else embedded
         # sin comes with its first half negated, as apply_rope takes it.
         cos, sin = rope_cos_sin(self.inv_freq(tokens.device), positions, x.dtype)
         last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             r = read if i == last_layer else None
-            if self.activation_checkpointing and self.training and cache is None:
+            if (self.activation_checkpointing and self.training
+                    and not isinstance(cache, KVCache)):
                 # Keep only block inputs; recompute the block in backward (memory for time).
-                x = checkpoint(layer, x, cos, sin, key_mask, None, i, allowed, r,
+                x = checkpoint(layer, x, cos, sin, key_mask, cache, i, allowed, r,
                                use_reentrant=False)
             else:
                 x = layer(x, cos, sin, key_mask, cache, i, allowed, r)
@@ -313,14 +375,38 @@ class Transformer(nn.Module):
         """Next-token logits (B, T, vocab)."""
         return self.logits_from(self.norm(self.body(tokens, mask, cache)))
 
-    def reward(self, tokens, mask=None):
-        """Reward head outputs (B, n_outputs), float32, read at each row's last real token."""
+    def last_hidden(self, tokens, mask=None, prompts=None):
+        """Final-norm hidden states (B, dim) at each row's last real token: what a reward reads.
+
+        With `prompts` = (prompt tokens (P, Lp), their mask, rows (B,)), row b of `tokens` is
+        only what follows prompt rows[b] (`SharedPrompts`): each prompt is computed once,
+        however many rows continue it, and the result is that of the whole sequences."""
+        cache = embedded = None
+        if prompts is not None and prompts[0].shape[1] > 0:  # else the rows are whole
+            prompt_tokens, prompt_mask, rows = prompts
+            # One embedding lookup for both passes: its backward makes one dense gradient of
+            # the whole table, not two.
+            n = prompt_tokens.numel()
+            x = self.tok_embeddings(torch.cat((prompt_tokens.reshape(-1), tokens.reshape(-1))))
+            embedded = x[n:].view(*tokens.shape, -1)
+            cache = SharedPrompts(prompt_mask)
+            # Only the keys and values of the prompt's last block are used: reading one
+            # position skips the rest of it, as for the reward.
+            self.body(prompt_tokens, prompt_mask, cache=cache,
+                      read=torch.full((1,), -1, device=prompt_tokens.device),
+                      embedded=x[:n].view(*prompt_tokens.shape, -1))
+            cache = cache.continued(rows)
+        last = last_token_index(mask, tokens.shape[1], tokens.device)
+        return self.norm(self.body(tokens, mask, cache=cache, read=last, embedded=embedded))
+
+    def reward(self, tokens, mask=None, prompts=None):
+        """Reward head outputs (B, n_outputs), float32 (the head's dtype), read at each row's
+        last real token; `prompts` as for `last_hidden`."""
         if self.score is None:
             raise ValueError("this model has no reward head (n_outputs=0)")
-        last = last_token_index(mask, tokens.shape[1], tokens.device)
-        h_last = self.norm(self.body(tokens, mask, read=last))
+        h_last = self.last_hidden(tokens, mask, prompts)
         with torch.autocast(device_type=h_last.device.type, enabled=False):  # head in float32
-            return self.score(h_last.float())
+            return self.score(h_last.to(self.score.weight.dtype))
 
 
 def last_token_index(mask, T: int, device=None):

@@ -29,7 +29,7 @@ import torch
 
 from minirm.cliargs import opt, parse
 from minirm.errors import UserError, cli
-from minirm.model import Transformer, last_token_index
+from minirm.model import Transformer
 from minirm.scoring import ATTRIBUTE_WEIGHTS
 
 
@@ -44,17 +44,16 @@ def _row0(model):
 
 
 def token0_reward(model):
-    """A `reward_fn(tokens, mask) -> (B, 1)` for score_sequences: the logit of token 0 at the
-    last real token (METHOD.md 9), in float32.
+    """A `reward_fn(tokens, mask, prompts=None) -> (B, 1)` for `minirm.scoring`: the logit of
+    token 0 at the last real token (METHOD.md 9), in float32.
 
     Only row 0 of the logits is computed (a dot product), which equals
     `model(tokens, mask)[b, last, 0]` without the (B, T, vocab) logits.
     """
     _row0(model)  # fail now, not in the middle of a data set
 
-    def reward_fn(tokens, mask=None):
-        last = last_token_index(mask, tokens.shape[1], tokens.device)
-        h_last = model.norm(model.body(tokens, mask, read=last))
+    def reward_fn(tokens, mask=None, prompts=None):
+        h_last = model.last_hidden(tokens, mask, prompts)
         return (h_last.float() @ _row0(model).float())[:, None]
 
     return reward_fn

@@ -295,13 +295,14 @@ def make_loss_fn(objective, model, device, pad_id, autocast):
     pair_loss = losses.PAIR_LOSSES[objective]
 
     def loss_fn(batch):
-        # Chosen and rejected go through one forward pass; the reward is output 0
-        # (helpfulness for a 5-output head initialised from regression).
-        seqs = [c.ids for c, _, _ in batch] + [r.ids for _, r, _ in batch]
-        tokens, mask = D.collate(seqs, pad_id)
+        # Chosen and rejected go through one batch, their shared prompt computed once
+        # (`Transformer.reward(prompts=...)`); the reward is output 0 (helpfulness for a
+        # 5-output head initialised from regression).
+        tokens, mask, prompts = D.collate_pairs([(c.ids, r.ids) for c, r, _ in batch], pad_id)
+        prompts = tuple(t.to(device) for t in prompts)
         strength = torch.tensor([m for _, _, m in batch], dtype=torch.float32, device=device)
         with autocast:
-            out = model.reward(tokens.to(device), mask.to(device))
+            out = model.reward(tokens.to(device), mask.to(device), prompts)
         r = out[:, 0]
         delta = r[:len(batch)] - r[len(batch):]
         loss = pair_loss(delta, strength)

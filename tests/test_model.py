@@ -5,6 +5,7 @@ import torch
 
 from minirm.checkpoint import load_model, save_model
 from minirm.config import preset
+from minirm.data import collate, collate_pairs
 from minirm.generate import generate, left_pad
 from minirm.model import (KVCache, Transformer, apply_rope, last_token_index,
                           rope_cos_sin)
@@ -153,6 +154,40 @@ def test_reading_one_position_equals_the_full_last_block(backend, checkpointing)
                                rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="KV cache"):  # decoding needs every position
         model.body(x, cache=KVCache(cfg.n_layers, 4, 11), read=torch.tensor([-1]))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "flash", "sdpa"])
+def test_shared_prompts_equal_whole_sequences(backend, checkpointing):
+    """Pairs whose prompt is computed once (`collate_pairs`, `reward(prompts=...)`) get the
+    rewards and gradients of the whole sequences in one right-padded batch (float64, so
+    exactly): prompts of several lengths (left-padded), a pair sharing nothing, a pair whose
+    chosen sequence is a prefix of the rejected one, and continuations of 1 token."""
+    cfg = preset("debug", n_outputs=2, attention=backend, flash_block=4)
+    model = Transformer(cfg).init_weights(seed=3).double().train()
+    model.activation_checkpointing = checkpointing
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, 256, (n,), generator=g).tolist()
+
+    pairs = []
+    for prompt, chosen, rejected in [(5, 3, 7), (9, 1, 2), (2, 6, 6), (1, 4, 1)]:
+        p = ids(prompt)
+        pairs.append((p + ids(chosen), p + ids(rejected)))
+    pairs.append(([7] + ids(5), [8] + ids(3)))                     # nothing shared
+    pairs.append((pairs[0][0][:6], pairs[0][0]))                  # chosen inside rejected
+    tokens, mask, prompts = collate_pairs(pairs, cfg.pad_id)
+    assert prompts[0].shape == (6, 9) and tokens.shape == (12, 7)
+    assert prompts[1].sum(-1).tolist() == [5, 9, 2, 1, 0, 5]
+    whole, whole_mask = collate([c for c, _ in pairs] + [r for _, r in pairs], cfg.pad_id)
+    got, want = model.reward(tokens, mask, prompts), model.reward(whole, whole_mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    w = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    g_got = torch.autograd.grad((got * w).sum(), model.parameters())
+    g_want = torch.autograd.grad((want * w).sum(), model.parameters())
+    for (name, _), a, b in zip(model.named_parameters(), g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
 
 
 def test_reading_one_position_in_bfloat16():

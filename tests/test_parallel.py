@@ -155,6 +155,12 @@ def _model():
             r_ref, r = ref.reward(tokens, mask), tp.reward(tokens, mask)
             torch.testing.assert_close(r, r_ref, **TOL)
             loss_ref, loss = loss_ref + r_ref.square().mean(), loss + r.square().mean()
+            # The same rows as continuations of their first 5 tokens (each shard records its
+            # own heads' prompt keys and values).
+            shared = tp.reward(tokens[:, 5:], mask[:, 5:],
+                               (tokens[:, :5], mask[:, :5], torch.arange(3)))
+            torch.testing.assert_close(shared, r_ref, **TOL)
+            loss_ref, loss = loss_ref + r_ref.mean(), loss + shared.mean()
         torch.testing.assert_close(loss, loss_ref, **TOL)
         loss_ref.backward()
         loss.backward()
