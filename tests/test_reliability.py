@@ -77,7 +77,8 @@ from minirm import checkpoint, data as D, gguf, losses, toysteer
 from minirm.checkpoint import load_model, save_model
 from minirm.config import LLAMA3_ROPE_SCALING as LLAMA3_SCALING
 from minirm.errors import UserError, cli
-from minirm.scoring import score_sequences
+from minirm.released import token0_reward
+from minirm.scoring import reduce_outputs, score_pairs, score_sequences
 from minirm.tokenizer import Tokenizer
 from minirm.trainer import NonFiniteError, OptimSettings, Trainer
 
@@ -1103,6 +1104,40 @@ def test_rewards_do_not_depend_on_batch_size_or_order(rm):
     gen.shuffle(order)
     shuffled = score_sequences(rm, [seqs[i] for i in order], pad_id=258, batch_size=8)
     torch.testing.assert_close(shuffled, want[order], atol=1e-5, rtol=0)
+
+
+def test_pair_rewards_are_those_of_each_sequence_alone(rm):
+    """score_pairs computes each pair's shared prompt once; chosen and rejected still get the
+    rewards they get alone, in any batch size, with the weighted or indexed reward, and the
+    token-0 reward of a language model takes the same path."""
+    gen = random.Random(1)
+
+    def ids(n):
+        return [gen.randrange(256) for _ in range(n)]
+
+    pairs = []
+    for _ in range(9):
+        prompt = ids(gen.randrange(0, 30))
+        pairs.append((D.Encoded(prompt + ids(gen.randrange(1, 20)), 0),
+                      D.Encoded(prompt + ids(gen.randrange(1, 20)), 0), 1))
+    pairs.append((D.Encoded([5, 6, 7], 0), D.Encoded([5, 6, 7, 8], 0), 1))  # one inside the other
+    alone = torch.stack([score_sequences(rm, [e.ids], pad_id=258)[0]
+                         for c, r, _ in pairs for e in (c, r)])
+    for batch_size in (2, 5, 32):
+        for weights, index in ((None, 0), (None, 1), ((0.3, 0.7), 0)):
+            chosen, rejected = score_pairs(rm, pairs, 258, batch_size, weights, index)
+            want = reduce_outputs(alone, weights, index)
+            torch.testing.assert_close(chosen, want[0::2], atol=1e-5, rtol=0)
+            torch.testing.assert_close(rejected, want[1::2], atol=1e-5, rtol=0)
+    lm, _ = load_model("debug", seed=1)
+    token0 = token0_reward(lm)
+    chosen, rejected = score_pairs(lm, pairs, 258, 4, reward_fn=token0)
+    with torch.no_grad():
+        want = torch.stack([lm(torch.tensor([e.ids]))[0, -1, 0] for c, r, _ in pairs
+                            for e in (c, r)])
+    torch.testing.assert_close(chosen, want[0::2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rejected, want[1::2], atol=1e-5, rtol=0)
+    assert score_pairs(rm, [], 258)[0].shape == (0,)
 
 
 @torch.no_grad()
