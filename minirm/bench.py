@@ -16,6 +16,9 @@ Cases, on the `smollm2-135m` shape (`--quick`: the `debug` preset and tiny sizes
   both: minirm's Trainer and transformers' Trainer default), on 8 x 256 tokens (4 pairs,
   Bradley-Terry loss), against LlamaForSequenceClassification(sdpa). Tokens/s,
   and FLOP/s from `ModelConfig.flops_per_token` (6N + attention, as nanoGPT's MFU).
+  `train, shared prompts`: the same step on 4 pairs whose two rows share their first 85 tokens
+  (a third of each row, as in RewardBench-mini's pairs), which minirm computes once
+  (`data.collate_pairs`, as train.py does) and transformers twice, as TRL's RewardTrainer does.
 - `score`: rewards of 32 sequences of 32..256 tokens in batches of 16 under inference mode.
   minirm sorts them by length (`scoring.score_sequences`); transformers gets right-padded batches
   in input order, as a pipeline does. Sequences/s.
@@ -90,6 +93,9 @@ class BenchSettings:
 class Shapes:
     preset: str
     train: tuple = (8, 256)               # batch, tokens
+    # The second training case: the tokens of each row that are its pair's shared prompt, a
+    # third, as in the pairs of ../shared/data/rewardbench-mini.jsonl (SmolLM2's tokenizer)
+    train_prompt: int = 85
     score: tuple = (32, 32, 256, 16)      # sequences, shortest, longest, batch size
     prompt: int = 32                      # generation prompt tokens (batch 1; batch 8 varies)
     new_tokens: int = 64
@@ -107,8 +113,8 @@ class Shapes:
 
 
 FULL = Shapes("smollm2-135m")
-QUICK = Shapes("debug", train=(2, 16), score=(4, 4, 16, 2), prompt=4, new_tokens=4,
-               gen_batches=(1, 2), heads=(4, 2, 8), attn_lens=(32, 64), matmul_n=128,
+QUICK = Shapes("debug", train=(2, 16), train_prompt=5, score=(4, 4, 16, 2), prompt=4,
+               new_tokens=4, gen_batches=(1, 2), heads=(4, 2, 8), attn_lens=(32, 64), matmul_n=128,
                matvec_n=256, gpu_train_preset="debug", gpu_train=(2, 16),
                gpu_decode_preset="debug", gpu_matmul_n=128, gpu_matvec_n=256)
 
@@ -264,15 +270,32 @@ def random_tokens(cfg, n, length, gen):
 # ---------------------------------------------------------------------------------------- cases
 
 def case_train(sh, tf, limits, repeats):
+    from minirm import onednn
     from minirm.config import preset
+    from minirm.data import collate_pairs
     from minirm.losses import bradley_terry
     from minirm.model import Transformer
     from minirm.trainer import adamw
 
     cfg = preset(sh.preset, n_outputs=1)
     B, T = sh.train
-    tokens = random_tokens(cfg, B, T, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    tokens = random_tokens(cfg, B, T, gen)
     mask = torch.ones(B, T, dtype=torch.bool)  # what collate gives an unpadded batch
+    # The same shape as pairs with a shared prompt: the first `train_prompt` tokens of both
+    # rows of a pair are the same. minirm computes them once (`data.collate_pairs`, as
+    # train.py does); transformers takes the 8 rows as they are, as TRL's RewardTrainer does.
+    pair_tokens = tokens.clone()
+    pair_tokens[1::2, :sh.train_prompt] = pair_tokens[0::2, :sh.train_prompt]
+    rows = pair_tokens.tolist()
+    tails, tail_mask, prompts = collate_pairs(list(zip(rows[0::2], rows[1::2])), cfg.pad_id)
+    # collate_pairs puts the chosen rows first; the steps below take pairs as (0, 1), (2, 3)..
+    order = torch.arange(B).view(2, B // 2).t().reshape(-1)
+    check = Transformer(cfg).init_weights(seed=0).eval()
+    with torch.no_grad():  # the same rewards as the whole rows
+        torch.testing.assert_close(check.reward(tails, tail_mask, prompts)[order],
+                                   check.reward(pair_tokens, mask), rtol=1e-4, atol=1e-4)
+    del check
 
     def stepper(model, rewards):
         # minirm's Trainer optimizer for both: fused AdamW, which is also what transformers'
@@ -287,26 +310,41 @@ def case_train(sh, tf, limits, repeats):
             opt.step()
         return step
 
-    model = Transformer(cfg).init_weights(seed=0).train()
-    ours = stepper(model, lambda: model.reward(tokens, mask)[:, 0])
-    theirs = None
-    if tf:
-        hf = hf_twin(tf, model, "LlamaForSequenceClassification").train()
-        theirs = stepper(hf, lambda: hf(input_ids=tokens, attention_mask=mask).logits[:, 0])
-    t_ours, t_theirs = timed(ours, theirs, repeats)
-    flops = cfg.flops_per_token(T) * B * T
-    limit = limits["matmul_flops"]
-    tps = [None if t is None else B * T / t for t in (t_ours, t_theirs)]
-    fps = [None if t is None else flops / t for t in (t_ours, t_theirs)]
-    from minirm import onednn
-    wq = model.layers[0].attention.wq.weight
-    dnn = onednn.applies(tokens.new_empty(1, cfg.dim, dtype=wq.dtype), wq) and onednn.faster_here()
-    note = (f"{B}x{T} tokens, {cfg.flops_per_token(T) / 1e9:.2f} GFLOP/token; minirm's products "
-            f"in {'oneDNN' if dnn else 'BLAS'}")
-    if fps[1]:
-        note += f"; transformers at {fps[1] / limit:.0%} of matmul"
-    return [row("train", "tokens/s", tps[0], tps[1], fps[0] / limit, note),
-            row("train FLOP/s", "FLOP/s", fps[0], fps[1], fps[0] / limit, "6N + attention")]
+    out = []
+    for name, ours_rewards, theirs_tokens in [
+            ("train", lambda: model.reward(tokens, mask)[:, 0], tokens),
+            ("train, shared prompts",
+             lambda: model.reward(tails, tail_mask, prompts)[order, 0], pair_tokens)]:
+        model = Transformer(cfg).init_weights(seed=0).train()
+        ours = stepper(model, ours_rewards)
+        theirs = None
+        if tf:
+            hf = hf_twin(tf, model, "LlamaForSequenceClassification").train()
+            theirs = stepper(hf, lambda x=theirs_tokens: hf(input_ids=x,
+                                                            attention_mask=mask).logits[:, 0])
+        t_ours, t_theirs = timed(ours, theirs, repeats)
+        flops = cfg.flops_per_token(T) * B * T  # the work of the whole rows, either way
+        limit = limits["matmul_flops"]
+        tps = [None if t is None else B * T / t for t in (t_ours, t_theirs)]
+        fps = [None if t is None else flops / t for t in (t_ours, t_theirs)]
+        wq = model.layers[0].attention.wq.weight
+        dnn = (onednn.applies(tokens.new_empty(1, cfg.dim, dtype=wq.dtype), wq)
+               and onednn.faster_here())
+        note = (f"{B}x{T} tokens, {cfg.flops_per_token(T) / 1e9:.2f} GFLOP/token; minirm's "
+                f"products in {'oneDNN' if dnn else 'BLAS'}")
+        if name == "train":
+            if fps[1]:
+                note += f"; transformers at {fps[1] / limit:.0%} of matmul"
+            out += [row(name, "tokens/s", tps[0], tps[1], fps[0] / limit, note),
+                    row("train FLOP/s", "FLOP/s", fps[0], fps[1], fps[0] / limit,
+                        "6N + attention")]
+        else:
+            note = (f"{B // 2} pairs of {T} tokens, the first {sh.train_prompt} of each "
+                    f"pair's rows shared; minirm computes them once (tokens/s and FLOP/s "
+                    f"count the whole rows)")
+            out.append(row(name, "tokens/s", tps[0], tps[1], fps[0] / limit, note))
+        del model
+    return out
 
 
 def case_score(sh, tf, limits, repeats):
