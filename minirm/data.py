@@ -555,6 +555,38 @@ def collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return tokens, mask
 
 
+def length_groups(lengths: list[int], max_groups=3, min_gain=0.1) -> list[list[int]]:
+    """Rows split into at most `max_groups` batches of similar length, each padded only to its
+    own longest row: index lists, shortest rows first. The split is the one with the fewest
+    padded positions (dynamic programming over the rows sorted by length); one more batch is
+    taken only when it saves at least `min_gain` of the positions, since each batch is one more
+    pass through the model, with its own fixed costs."""
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    L = [lengths[i] for i in order]
+    n, inf = len(L), float("inf")
+    # cost[g][i]: fewest positions for the i shortest rows in g batches; start[g][i]: where
+    # the last of those batches begins (its rows i' in [start, i) are padded to L[i - 1]).
+    cost = [[0] + [inf] * n] + [[inf] * (n + 1) for _ in range(max_groups)]
+    start = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    for g in range(1, max_groups + 1):
+        for i in range(1, n + 1):
+            for j in range(g - 1, i):
+                c = cost[g - 1][j] + (i - j) * L[i - 1]
+                if c < cost[g][i]:
+                    cost[g][i], start[g][i] = c, j
+    g = 1
+    for more in range(2, min(max_groups, n) + 1):
+        if cost[more][n] <= (1 - min_gain) * cost[g][n]:
+            g = more
+    groups, i = [], n
+    for k in range(g, 0, -1):
+        groups.append(order[start[k][i]:i])
+        i = start[k][i]
+    return groups[::-1]
+
+
 def shared_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens two sequences share (their prompt, at least), keeping at least
     one token of each out of it: the reward is read at the last token, which must follow."""

@@ -375,13 +375,15 @@ class Transformer(nn.Module):
         """Next-token logits (B, T, vocab)."""
         return self.logits_from(self.norm(self.body(tokens, mask, cache)))
 
-    def last_hidden(self, tokens, mask=None, prompts=None):
+    def last_hidden(self, tokens, mask=None, prompts=None, embedded=None):
         """Final-norm hidden states (B, dim) at each row's last real token: what a reward reads.
 
         With `prompts` = (prompt tokens (P, Lp), their mask, rows (B,)), row b of `tokens` is
         only what follows prompt rows[b] (`SharedPrompts`): each prompt is computed once,
-        however many rows continue it, and the result is that of the whole sequences."""
-        cache = embedded = None
+        however many rows continue it, and the result is that of the whole sequences.
+        `embedded`: the tokens' embeddings (B, T, dim), when the caller has them (without
+        `prompts`)."""
+        cache = None
         if prompts is not None and prompts[0].shape[1] > 0:  # else the rows are whole
             prompt_tokens, prompt_mask, rows = prompts
             # One embedding lookup for both passes: its backward makes one dense gradient of
@@ -399,12 +401,12 @@ class Transformer(nn.Module):
         last = last_token_index(mask, tokens.shape[1], tokens.device)
         return self.norm(self.body(tokens, mask, cache=cache, read=last, embedded=embedded))
 
-    def reward(self, tokens, mask=None, prompts=None):
+    def reward(self, tokens, mask=None, prompts=None, embedded=None):
         """Reward head outputs (B, n_outputs), float32 (the head's dtype), read at each row's
-        last real token; `prompts` as for `last_hidden`."""
+        last real token; `prompts` and `embedded` as for `last_hidden`."""
         if self.score is None:
             raise ValueError("this model has no reward head (n_outputs=0)")
-        h_last = self.last_hidden(tokens, mask, prompts)
+        h_last = self.last_hidden(tokens, mask, prompts, embedded)
         with torch.autocast(device_type=h_last.device.type, enabled=False):  # head in float32
             return self.score(h_last.to(self.score.weight.dtype))
 

@@ -277,14 +277,45 @@ def make_plan(lengths, batch_size, epochs, seed):
     return plan[:n_steps]
 
 
+def batch_rewards(model, seqs, pad_id, device, autocast=None, pairs=0):
+    """Reward-head outputs (N, n_outputs) of token-id lists `seqs`, in their order, with
+    gradients, over the fewest padded positions: the rows in up to three batches of similar
+    length (`data.length_groups`), or, with `pairs` = P (seqs are P chosen then P rejected
+    sequences), each pair's shared prompt computed once (`data.collate_pairs`) when that pads
+    fewer positions still. Either way a row's reward is the one it gets alone."""
+    autocast = autocast or _null()
+    groups = D.length_groups([len(s) for s in seqs])
+    positions = sum(len(g) * max(len(seqs[i]) for i in g) for g in groups)
+    if pairs:
+        tokens, mask, prompts = D.collate_pairs(list(zip(seqs[:pairs], seqs[pairs:])), pad_id)
+        if prompts[0].numel() + tokens.numel() < positions:
+            with autocast:
+                return model.reward(tokens.to(device), mask.to(device),
+                                    tuple(t.to(device) for t in prompts))
+    batches = [D.collate([seqs[i] for i in g], pad_id) for g in groups]
+    # One embedding lookup for all of them: its backward makes one dense gradient of the whole
+    # table (113 MB for SmolLM2), not one per batch.
+    flat = torch.cat([tokens.reshape(-1) for tokens, _ in batches]).to(device)
+    with autocast:
+        embedded = model.tok_embeddings(flat).split([t.numel() for t, _ in batches])
+    parts = []
+    for (tokens, mask), x in zip(batches, embedded):
+        with autocast:
+            parts.append(model.reward(tokens.to(device), mask.to(device),
+                                      embedded=x.view(*tokens.shape, -1)))
+    if len(parts) == 1 and groups[0] == list(range(len(seqs))):
+        return parts[0]
+    where = torch.empty(len(seqs), dtype=torch.long)
+    where[[i for g in groups for i in g]] = torch.arange(len(seqs))
+    return torch.cat(parts)[where.to(parts[0].device)]
+
+
 def make_loss_fn(objective, model, device, pad_id, autocast):
     """loss_fn(micro-batch) -> (mean loss, items, metrics) for the trainer."""
     if pair_kind(objective) == "rating":
         def loss_fn(batch):
-            tokens, mask = D.collate([ids for ids, _ in batch], pad_id)
             labels = torch.tensor([lab for _, lab in batch], dtype=torch.float32, device=device)
-            with autocast:
-                out = model.reward(tokens.to(device), mask.to(device))
+            out = batch_rewards(model, [ids for ids, _ in batch], pad_id, device, autocast)
             if objective == "helpfulness":
                 loss = losses.helpfulness(out[:, 0], labels[:, 0])
             else:
@@ -295,14 +326,11 @@ def make_loss_fn(objective, model, device, pad_id, autocast):
     pair_loss = losses.PAIR_LOSSES[objective]
 
     def loss_fn(batch):
-        # Chosen and rejected go through one batch, their shared prompt computed once
-        # (`Transformer.reward(prompts=...)`); the reward is output 0 (helpfulness for a
-        # 5-output head initialised from regression).
-        tokens, mask, prompts = D.collate_pairs([(c.ids, r.ids) for c, r, _ in batch], pad_id)
-        prompts = tuple(t.to(device) for t in prompts)
+        # Chosen rows, then rejected; the reward is output 0 (helpfulness for a 5-output head
+        # initialised from regression).
+        seqs = [c.ids for c, _, _ in batch] + [r.ids for _, r, _ in batch]
         strength = torch.tensor([m for _, _, m in batch], dtype=torch.float32, device=device)
-        with autocast:
-            out = model.reward(tokens.to(device), mask.to(device), prompts)
+        out = batch_rewards(model, seqs, pad_id, device, autocast, pairs=len(batch))
         r = out[:, 0]
         delta = r[:len(batch)] - r[len(batch):]
         loss = pair_loss(delta, strength)

@@ -13,9 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minirm.data import (FORMATS, MISSING, Encoded, Pair, Rated, batches, collate, encode_pairs,
-                         encode_rated, load_helpsteer2_preference, load_pairs, load_ratings,
-                         preference_from_annotations, split_helpsteer_prompt)
+from minirm.data import (FORMATS, MISSING, Encoded, Pair, Rated, batches, collate, collate_pairs,
+                         encode_pairs, encode_rated, length_groups, load_helpsteer2_preference,
+                         load_pairs, load_ratings, preference_from_annotations,
+                         split_helpsteer_prompt)
 from minirm.errors import UserError
 from minirm.tokenizer import Tokenizer
 
@@ -290,6 +291,29 @@ def test_batches_cover_each_index_once_and_repeat(shuffle, bucket):
         assert got != batches(lengths, 10, seed=1, epoch=3, shuffle=shuffle, bucket=bucket)
     else:
         assert got[0] == list(range(10))
+
+
+def test_length_groups_pad_least():
+    """Rows of lengths 5, 100, 7, 98, 6, 50 padded as one batch: 6 x 100 = 600 positions. Two
+    batches: {5, 6, 7} and {50, 98, 100}, 21 + 300 = 321. Three: 21 + 50 + 200 = 271, which
+    saves more than 10% of 321, so it is taken."""
+    assert length_groups([5, 100, 7, 98, 6, 50]) == [[0, 4, 2], [5], [3, 1]]
+    assert length_groups([5, 100, 7, 98, 6, 50], max_groups=2) == [[0, 4, 2], [5, 3, 1]]
+    # 3 x 10 + 1 x 11 = 41 against 44: under 10% saved, so one batch.
+    assert length_groups([10, 11, 10, 10]) == [[0, 2, 3, 1]]
+    assert length_groups([10] * 8) == [list(range(8))]
+    assert length_groups([]) == []
+
+
+def test_collate_pairs_cuts_at_the_shared_prefix():
+    pairs = [([1, 2, 3, 4], [1, 2, 5]), ([7, 8], [7, 8, 9]), ([4, 5], [6])]
+    tokens, mask, (prefix, prefix_mask, rows) = collate_pairs(pairs, 0)
+    # Shared: [1, 2]; [7] (one token of each is kept out of it); nothing.
+    assert prefix.tolist() == [[1, 2], [0, 7], [0, 0]]
+    assert prefix_mask.tolist() == [[True, True], [False, True], [False, False]]
+    assert tokens.tolist() == [[3, 4], [8, 0], [4, 5], [5, 0], [8, 9], [6, 0]]
+    assert mask.sum(-1).tolist() == [2, 1, 2, 1, 2, 1]
+    assert rows.tolist() == [0, 1, 2, 0, 1, 2]
 
 
 def test_batches_bucket_by_length():

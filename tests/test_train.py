@@ -34,6 +34,47 @@ def losses_of(out):
             if line]
 
 
+def test_batch_rewards_are_each_rows_own(monkeypatch):
+    """batch_rewards splits rows by length or shares pairs' prompts; every row still gets the
+    reward and gradients it gets alone (float64), in input order, and each layout is taken where
+    it pads the fewest positions."""
+    from minirm.config import preset
+    from minirm.model import Transformer
+    from minirm.train import batch_rewards
+
+    model = Transformer(preset("debug", n_outputs=2)).init_weights(seed=5).double()
+    calls = []
+    reward = model.reward
+    monkeypatch.setattr(model, "reward", lambda t, m, p=None, embedded=None: calls.append(
+        (tuple(t.shape), p is not None)) or reward(t, m, p, embedded))
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(0, 256, (n,), generator=g).tolist()
+
+    prompt = ids(30)
+    cases = {  # name: (sequences, pairs, the passes expected)
+        "ratings of three lengths": ([ids(n) for n in (4, 60, 5, 31, 58, 3)], 0,
+                                     [((3, 5), False), ((1, 31), False), ((2, 60), False)]),
+        "pairs sharing 30 tokens": ([prompt + ids(4), prompt[:20] + ids(14), prompt + ids(5),
+                                     prompt[:20] + ids(13)], 2,
+                                    [((4, 14), True)]),  # 2 x 30 + 4 x 14 = 116 < 4 x 34
+        "pairs of unlike lengths": ([ids(3), ids(40), ids(50), ids(4)], 2,
+                                    [((2, 4), False), ((2, 50), False)]),
+    }
+    for name, (seqs, pairs, passes) in cases.items():
+        calls.clear()
+        got = batch_rewards(model, seqs, 258, "cpu", pairs=pairs)
+        assert calls == passes, name
+        want = torch.cat([reward(torch.tensor([s])) for s in seqs])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=name)
+        w = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        g_got = torch.autograd.grad((got * w).sum(), model.parameters())
+        g_want = torch.autograd.grad((want * w).sum(), model.parameters())
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+
+
 def test_golden_losses(tmp_path, toy_data):
     run(tmp_path / "bt", toy_data, "--objective", "scaled-bt", "--epochs", "1")
     got = losses_of(tmp_path / "bt")[:len(GOLDEN_BT)]
