@@ -1107,9 +1107,8 @@ def test_rewards_do_not_depend_on_batch_size_or_order(rm):
 
 
 def test_pair_rewards_are_those_of_each_sequence_alone(rm):
-    """score_pairs computes each pair's shared prompt once; chosen and rejected still get the
-    rewards they get alone, in any batch size, with the weighted or indexed reward, and the
-    token-0 reward of a language model takes the same path."""
+    """score_pairs gives chosen and rejected the rewards they get alone, in any batch size, with
+    the weighted or indexed reward, and with the token-0 reward of a language model."""
     gen = random.Random(1)
 
     def ids(n):
