@@ -16,9 +16,12 @@ Cases, on the `smollm2-135m` shape (`--quick`: the `debug` preset and tiny sizes
   both: minirm's Trainer and transformers' Trainer default), on 8 x 256 tokens (4 pairs,
   Bradley-Terry loss), against LlamaForSequenceClassification(sdpa). Tokens/s,
   and FLOP/s from `ModelConfig.flops_per_token` (6N + attention, as nanoGPT's MFU).
-  `train, shared prompts`: the same step on 4 pairs whose two rows share their first 85 tokens
-  (a third of each row, as in RewardBench-mini's pairs), which minirm computes once
-  (`data.collate_pairs`, as train.py does) and transformers twice, as TRL's RewardTrainer does.
+  minirm runs the rows as train.py does (`train.batch_rewards`), transformers padded to the
+  longest row, as TRL's RewardTrainer collates them. Two more steps: `train, shared prompts`,
+  4 pairs whose two rows share their first 85 tokens (a third of each row, as in the pairs of
+  RewardBench-mini), which minirm computes once; `train, real lengths`, 4 pairs with the
+  lengths of a training batch of RewardBench-mini (743 tokens, 75% of the padded positions),
+  which minirm splits into batches of similar length. Tokens/s count real tokens.
 - `score`: rewards of 32 sequences of 32..256 tokens in batches of 16 under inference mode.
   minirm sorts them by length (`scoring.score_sequences`); transformers gets right-padded batches
   in input order, as a pipeline does. Sequences/s.
@@ -94,8 +97,13 @@ class Shapes:
     preset: str
     train: tuple = (8, 256)               # batch, tokens
     # The second training case: the tokens of each row that are its pair's shared prompt, a
-    # third, as in the pairs of ../shared/data/rewardbench-mini.jsonl (SmolLM2's tokenizer)
+    # third, as in the pairs of ../shared/data/rewardbench-mini.jsonl (SmolLM2's tokenizer).
     train_prompt: int = 85
+    # The third: the lengths of a training batch of 4 of those pairs (the second batch
+    # `data.batches` draws with seed 0 at max length 512), as (shared prompt, chosen's rest,
+    # rejected's rest). Padded to its longest row, 75% of the positions are real tokens, near
+    # the median over all batches (79%).
+    train_real: tuple = ((40, 22, 79), (57, 35, 62), (46, 3, 75), (46, 78, 11))
     score: tuple = (32, 32, 256, 16)      # sequences, shortest, longest, batch size
     prompt: int = 32                      # generation prompt tokens (batch 1; batch 8 varies)
     new_tokens: int = 64
@@ -113,10 +121,10 @@ class Shapes:
 
 
 FULL = Shapes("smollm2-135m")
-QUICK = Shapes("debug", train=(2, 16), train_prompt=5, score=(4, 4, 16, 2), prompt=4,
-               new_tokens=4, gen_batches=(1, 2), heads=(4, 2, 8), attn_lens=(32, 64), matmul_n=128,
-               matvec_n=256, gpu_train_preset="debug", gpu_train=(2, 16),
-               gpu_decode_preset="debug", gpu_matmul_n=128, gpu_matvec_n=256)
+QUICK = Shapes("debug", train=(2, 16), train_prompt=5, train_real=((3, 2, 9), (5, 1, 1)),
+               score=(4, 4, 16, 2), prompt=4, new_tokens=4, gen_batches=(1, 2), heads=(4, 2, 8),
+               attn_lens=(32, 64), matmul_n=128, matvec_n=256, gpu_train_preset="debug",
+               gpu_train=(2, 16), gpu_decode_preset="debug", gpu_matmul_n=128, gpu_matvec_n=256)
 
 
 @dataclass
@@ -272,32 +280,29 @@ def random_tokens(cfg, n, length, gen):
 def case_train(sh, tf, limits, repeats):
     from minirm import onednn
     from minirm.config import preset
-    from minirm.data import collate_pairs
+    from minirm.data import collate
     from minirm.losses import bradley_terry
     from minirm.model import Transformer
+    from minirm.train import batch_rewards
     from minirm.trainer import adamw
 
     cfg = preset(sh.preset, n_outputs=1)
     B, T = sh.train
     gen = torch.Generator().manual_seed(0)
-    tokens = random_tokens(cfg, B, T, gen)
-    mask = torch.ones(B, T, dtype=torch.bool)  # what collate gives an unpadded batch
-    # The same shape as pairs with a shared prompt: the first `train_prompt` tokens of both
-    # rows of a pair are the same. minirm computes them once (`data.collate_pairs`, as
-    # train.py does); transformers takes the 8 rows as they are, as TRL's RewardTrainer does.
-    pair_tokens = tokens.clone()
-    pair_tokens[1::2, :sh.train_prompt] = pair_tokens[0::2, :sh.train_prompt]
-    rows = pair_tokens.tolist()
-    tails, tail_mask, prompts = collate_pairs(list(zip(rows[0::2], rows[1::2])), cfg.pad_id)
-    # collate_pairs puts the chosen rows first; the steps below take pairs as (0, 1), (2, 3)..
-    order = torch.arange(B).view(2, B // 2).t().reshape(-1)
-    check = Transformer(cfg).init_weights(seed=0).eval()
-    with torch.no_grad():  # the same rewards as the whole rows
-        torch.testing.assert_close(check.reward(tails, tail_mask, prompts)[order],
-                                   check.reward(pair_tokens, mask), rtol=1e-4, atol=1e-4)
-    del check
 
-    def stepper(model, rewards):
+    def ids(n):
+        return random_tokens(cfg, 1, n, gen)[0].tolist()
+
+    # Each case: B sequences, the chosen of each pair first, then the rejected.
+    plain = random_tokens(cfg, B, T, gen).tolist()
+    shared = [ids(sh.train_prompt) for _ in range(B // 2)]
+    shared = [p + ids(T - sh.train_prompt) for p in shared * 2]
+    real = [ids(n) for n, _, _ in sh.train_real]
+    real = ([p + ids(c) for p, (_, c, _) in zip(real, sh.train_real)]
+            + [p + ids(r) for p, (_, _, r) in zip(real, sh.train_real)])
+    cases = {"train": plain, "train, shared prompts": shared, "train, real lengths": real}
+
+    def stepper(model, rewards, n_pairs):
         # minirm's Trainer optimizer for both: fused AdamW, which is also what transformers'
         # Trainer (and so TRL's RewardTrainer) uses by default with torch >= 2.8.
         opt = adamw(model, 0.1, 1e-5, (0.9, 0.98))
@@ -305,44 +310,56 @@ def case_train(sh, tf, limits, repeats):
         def step():  # as Trainer.update: zero, forward, backward, clip, AdamW
             opt.zero_grad(set_to_none=True)
             r = rewards()
-            bradley_terry(r[0::2] - r[1::2]).backward()
+            bradley_terry(r[:n_pairs] - r[n_pairs:]).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         return step
 
-    out = []
-    for name, ours_rewards, theirs_tokens in [
-            ("train", lambda: model.reward(tokens, mask)[:, 0], tokens),
-            ("train, shared prompts",
-             lambda: model.reward(tails, tail_mask, prompts)[order, 0], pair_tokens)]:
+    out, limit = [], limits["matmul_flops"]
+    for name, seqs in cases.items():
+        # minirm as train.py runs a micro-batch (`batch_rewards`: length groups, or the
+        # pairs' shared prompts once); transformers on the batch padded to its longest row,
+        # as TRL's RewardTrainer collates it.
+        tokens, mask = collate(seqs, cfg.pad_id)
+        n_pairs, n_tokens = len(seqs) // 2, int(mask.sum())
         model = Transformer(cfg).init_weights(seed=0).train()
-        ours = stepper(model, ours_rewards)
+        with torch.no_grad():  # the same rewards as the padded batch
+            torch.testing.assert_close(
+                batch_rewards(model, seqs, cfg.pad_id, "cpu", pairs=n_pairs),
+                model.reward(tokens, mask), rtol=1e-4, atol=1e-4)
+        ours = stepper(model, lambda: batch_rewards(model, seqs, cfg.pad_id, "cpu",
+                                                    pairs=n_pairs)[:, 0], n_pairs)
         theirs = None
         if tf:
             hf = hf_twin(tf, model, "LlamaForSequenceClassification").train()
-            theirs = stepper(hf, lambda x=theirs_tokens: hf(input_ids=x,
-                                                            attention_mask=mask).logits[:, 0])
+            theirs = stepper(hf, lambda: hf(input_ids=tokens, attention_mask=mask).logits[:, 0],
+                             n_pairs)
         t_ours, t_theirs = timed(ours, theirs, repeats)
-        flops = cfg.flops_per_token(T) * B * T  # the work of the whole rows, either way
-        limit = limits["matmul_flops"]
-        tps = [None if t is None else B * T / t for t in (t_ours, t_theirs)]
+        # The work of the real tokens (padding and shared prompts counted as the whole rows'),
+        # so that a faster layout shows as more tokens/s.
+        flops = sum(cfg.flops_per_token(len(x)) * len(x) for x in seqs)
+        tps = [None if t is None else n_tokens / t for t in (t_ours, t_theirs)]
         fps = [None if t is None else flops / t for t in (t_ours, t_theirs)]
-        wq = model.layers[0].attention.wq.weight
-        dnn = (onednn.applies(tokens.new_empty(1, cfg.dim, dtype=wq.dtype), wq)
-               and onednn.faster_here())
-        note = (f"{B}x{T} tokens, {cfg.flops_per_token(T) / 1e9:.2f} GFLOP/token; minirm's "
-                f"products in {'oneDNN' if dnn else 'BLAS'}")
         if name == "train":
+            wq = model.layers[0].attention.wq.weight
+            dnn = (onednn.applies(tokens.new_empty(1, cfg.dim, dtype=wq.dtype), wq)
+                   and onednn.faster_here())
+            note = (f"{B}x{T} tokens, {cfg.flops_per_token(T) / 1e9:.2f} GFLOP/token; "
+                    f"minirm's products in {'oneDNN' if dnn else 'BLAS'}")
             if fps[1]:
                 note += f"; transformers at {fps[1] / limit:.0%} of matmul"
             out += [row(name, "tokens/s", tps[0], tps[1], fps[0] / limit, note),
                     row("train FLOP/s", "FLOP/s", fps[0], fps[1], fps[0] / limit,
                         "6N + attention")]
+        elif name == "train, shared prompts":
+            out.append(row(name, "tokens/s", tps[0], tps[1], fps[0] / limit,
+                           f"{n_pairs} pairs of {T}-token rows sharing their first "
+                           f"{sh.train_prompt}, which minirm computes once"))
         else:
-            note = (f"{B // 2} pairs of {T} tokens, the first {sh.train_prompt} of each "
-                    f"pair's rows shared; minirm computes them once (tokens/s and FLOP/s "
-                    f"count the whole rows)")
-            out.append(row(name, "tokens/s", tps[0], tps[1], fps[0] / limit, note))
+            out.append(row(name, "tokens/s", tps[0], tps[1], fps[0] / limit,
+                           f"{n_pairs} pairs, {n_tokens} tokens in rows of "
+                           f"{min(map(len, seqs))}..{tokens.shape[1]}; transformers pads "
+                           f"them to {tokens.numel()} positions"))
         del model
     return out
 
@@ -511,7 +528,7 @@ def case_gpu_train(sh, tf, limits, repeats, device):
             opt.zero_grad(set_to_none=True)
             with autocast:
                 r = rewards()
-            bradley_terry(r[0::2] - r[1::2]).backward()
+            bradley_terry(r[:B // 2] - r[B // 2:]).backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
         return synced(step, device)
