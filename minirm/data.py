@@ -555,12 +555,17 @@ def collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return tokens, mask
 
 
-def length_groups(lengths: list[int], max_groups=3, min_gain=0.1) -> list[list[int]]:
+# A layout of a micro-batch with one more pass through the model (a batch of similar lengths,
+# a shared prompt) is taken only when it saves at least this fraction of the padded positions:
+# each pass has its own fixed costs (weight-gradient products, small-operation overhead).
+MIN_GAIN = 0.1
+
+
+def length_groups(lengths: list[int], max_groups=3, min_gain=MIN_GAIN) -> list[list[int]]:
     """Rows split into at most `max_groups` batches of similar length, each padded only to its
     own longest row: index lists, shortest rows first. The split is the one with the fewest
     padded positions (dynamic programming over the rows sorted by length); one more batch is
-    taken only when it saves at least `min_gain` of the positions, since each batch is one more
-    pass through the model, with its own fixed costs."""
+    taken only when it saves at least `min_gain` of the positions."""
     if not lengths:
         return []
     order = sorted(range(len(lengths)), key=lengths.__getitem__)

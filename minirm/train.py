@@ -282,13 +282,14 @@ def batch_rewards(model, seqs, pad_id, device, autocast=None, pairs=0):
     gradients, over the fewest padded positions: the rows in up to three batches of similar
     length (`data.length_groups`), or, with `pairs` = P (seqs are P chosen then P rejected
     sequences), each pair's shared prompt computed once (`data.collate_pairs`) when that pads
-    fewer positions still. Either way a row's reward is the one it gets alone."""
+    fewer positions still, by `data.MIN_GAIN` at least. Either way a row's reward is the one it
+    gets alone."""
     autocast = autocast or _null()
     groups = D.length_groups([len(s) for s in seqs])
     positions = sum(len(g) * max(len(seqs[i]) for i in g) for g in groups)
     if pairs:
         tokens, mask, prompts = D.collate_pairs(list(zip(seqs[:pairs], seqs[pairs:])), pad_id)
-        if prompts[0].numel() + tokens.numel() < positions:
+        if prompts[0].numel() + tokens.numel() <= (1 - D.MIN_GAIN) * positions:
             with autocast:
                 return model.reward(tokens.to(device), mask.to(device),
                                     tuple(t.to(device) for t in prompts))
