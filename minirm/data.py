@@ -564,8 +564,9 @@ MIN_GAIN = 0.1
 def length_groups(lengths: list[int], max_groups=3, min_gain=MIN_GAIN) -> list[list[int]]:
     """Rows split into at most `max_groups` batches of similar length, each padded only to its
     own longest row: index lists, shortest rows first. The split is the one with the fewest
-    padded positions (dynamic programming over the rows sorted by length); one more batch is
-    taken only when it saves at least `min_gain` of the positions."""
+    padded positions (dynamic programming over the rows sorted by length); each batch more is
+    taken only when it saves at least `min_gain` of the positions of the best split with one
+    batch fewer."""
     if not lengths:
         return []
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
@@ -582,9 +583,8 @@ def length_groups(lengths: list[int], max_groups=3, min_gain=MIN_GAIN) -> list[l
                 if c < cost[g][i]:
                     cost[g][i], start[g][i] = c, j
     g = 1
-    for more in range(2, min(max_groups, n) + 1):
-        if cost[more][n] <= (1 - min_gain) * cost[g][n]:
-            g = more
+    while g < min(max_groups, n) and cost[g + 1][n] <= (1 - min_gain) * cost[g][n]:
+        g += 1
     groups, i = [], n
     for k in range(g, 0, -1):
         groups.append(order[start[k][i]:i])
@@ -593,8 +593,9 @@ def length_groups(lengths: list[int], max_groups=3, min_gain=MIN_GAIN) -> list[l
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two sequences share (their prompt, at least), keeping at least
-    one token of each out of it: the reward is read at the last token, which must follow."""
+    """How many leading tokens two sequences share (their prompt, unless truncation cut the two
+    differently), keeping at least one token of each out of it: the reward is read at the last
+    token, which must follow."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -609,6 +610,8 @@ def collate_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int):
     pair's shared prefix (2P, Lt), chosen rows first, right-padded, with their mask, and
     `prompts` = (the prefixes (P, Lp) left-padded, their mask, the prefix row of each
     continuation). A pair whose sequences share nothing gets an empty, fully padded prefix."""
+    if not all(c and r for c, r in pairs):
+        raise ValueError("collate_pairs needs a token in every sequence")
     cut = [shared_prefix(c, r) for c, r in pairs]
     tokens, mask = collate([c[n:] for (c, _), n in zip(pairs, cut)]
                            + [r[n:] for (_, r), n in zip(pairs, cut)], pad_id)

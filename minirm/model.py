@@ -234,8 +234,10 @@ class SharedPrompts:
         return mask
 
     def update(self, layer, k, v):
-        # By layer, not appended: activation checkpointing runs a block again in backward.
-        self.k[layer], self.v[layer] = k, v
+        # The first pass's tensors only: with activation checkpointing, backward runs a block
+        # again, and keeping its recomputed keys would hold their graph until the end.
+        self.k.setdefault(layer, k)
+        self.v.setdefault(layer, v)
         return k, v
 
     def advance(self, mask):
@@ -380,11 +382,14 @@ class Transformer(nn.Module):
 
         With `prompts` = (prompt tokens (P, Lp), their mask, rows (B,)), row b of `tokens` is
         only what follows prompt rows[b] (`SharedPrompts`): each prompt is computed once,
-        however many rows continue it, and the result is that of the whole sequences.
+        however many rows continue it, and the result is that of the whole sequences; every
+        row of `tokens` then needs a real token (the reward is read there, not in the prompt).
         `embedded`: the tokens' embeddings (B, T, dim), when the caller has them (without
-        `prompts`)."""
+        `prompts`, which embeds prompts and rows in one lookup)."""
         cache = None
         if prompts is not None and prompts[0].shape[1] > 0:  # else the rows are whole
+            if embedded is not None:
+                raise ValueError("pass embedded= or prompts=, not both")
             prompt_tokens, prompt_mask, rows = prompts
             # One embedding lookup for both passes: its backward makes one dense gradient of
             # the whole table, not two.

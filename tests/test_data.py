@@ -301,6 +301,9 @@ def test_length_groups_pad_least():
     assert length_groups([5, 100, 7, 98, 6, 50], max_groups=2) == [[0, 4, 2], [5, 3, 1]]
     # 3 x 10 + 1 x 11 = 41 against 44: under 10% saved, so one batch.
     assert length_groups([10, 11, 10, 10]) == [[0, 2, 3, 1]]
+    # Each batch more must save 10% over one batch fewer: 180 -> 167 (two) is too little, so
+    # three (161, 11% under one batch) are not taken either.
+    assert length_groups([54, 60, 47]) == [[2, 0, 1]]
     assert length_groups([10] * 8) == [list(range(8))]
     assert length_groups([]) == []
 
@@ -314,6 +317,8 @@ def test_collate_pairs_cuts_at_the_shared_prefix():
     assert tokens.tolist() == [[3, 4], [8, 0], [4, 5], [5, 0], [8, 9], [6, 0]]
     assert mask.sum(-1).tolist() == [2, 1, 2, 1, 2, 1]
     assert rows.tolist() == [0, 1, 2, 0, 1, 2]
+    with pytest.raises(ValueError, match="a token in every sequence"):
+        collate_pairs([([], [1, 2, 3])], 0)
 
 
 def test_batches_bucket_by_length():

@@ -188,6 +188,8 @@ def test_shared_prompts_equal_whole_sequences(backend, checkpointing):
     g_want = torch.autograd.grad((want * w).sum(), model.parameters())
     for (name, _), a, b in zip(model.named_parameters(), g_got, g_want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="not both"):
+        model.reward(tokens, mask, prompts, embedded=model.tok_embeddings(tokens))
 
 
 def test_reading_one_position_in_bfloat16():

@@ -143,7 +143,8 @@ def _model():
         cfg = preset("debug", **overrides)
         ref = Transformer(cfg).init_weights(seed=0)
         tp = parallel.parallelize(Transformer(cfg).init_weights(seed=0), grid)
-        tp.activation_checkpointing = name == "tied"  # backward recomputes the collectives
+        # Backward recomputes the collectives (and, with a reward head, the shared prompts).
+        tp.activation_checkpointing = name in ("tied", "tied-reward")
         if cfg.n_outputs == 0 or cfg.tie_embeddings:
             torch.testing.assert_close(tp(tokens, mask), ref(tokens, mask), **TOL)
             loss_ref = F.cross_entropy(ref(tokens, mask)[:, :-1].reshape(-1, 259),
