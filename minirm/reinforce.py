@@ -175,16 +175,20 @@ class Reinforce:
         self.generator = torch.Generator(device=self.device).manual_seed(s.seed)
         self.micro = s.micro_batch_size or 1 << 30
 
-    def logprobs(self, model, tokens, mask, rows):
-        """Per-token log-probs (n, T' - 1) of the sequences `rows`, T' their longest."""
+    def logprobs(self, model, tokens, mask, response, rows):
+        """Per-token log-probs (n, T' - 1) of the response tokens of the sequences `rows`, T'
+        their longest (0 at the prompt's positions, whose logits are not computed)."""
         tokens, mask = trim(tokens[rows], mask[rows])
-        return token_logprobs(model, tokens.to(self.device), mask.to(self.device), self.grid)
+        targets = response[rows][:, :tokens.shape[1] - 1]
+        return token_logprobs(model, tokens.to(self.device), mask.to(self.device), self.grid,
+                              targets.to(self.device))
 
-    def frozen_logprobs(self, model, tokens, mask):
-        """Per-token log-probs (N, T - 1) of all sequences, no gradient, in micro-batches."""
+    def frozen_logprobs(self, model, tokens, mask, response):
+        """Per-token log-probs (N, T - 1) of all responses, no gradient, in micro-batches."""
         parts = []
         for i in range(0, len(tokens), self.micro):
-            lp = self.logprobs(model, tokens, mask, slice(i, i + self.micro)).float().cpu()
+            rows = slice(i, i + self.micro)
+            lp = self.logprobs(model, tokens, mask, response, rows).float().cpu()
             parts.append(torch.nn.functional.pad(lp, (0, tokens.shape[1] - 1 - lp.shape[1])))
         return torch.cat(parts)
 
@@ -213,8 +217,8 @@ class Reinforce:
                                self.reader.max_length).ids for i, text in enumerate(texts)]
         reward = self.reader.rewards(scored).float()
         # 7.3: KL to the reference, from log pi at rollout time and log pi_ref.
-        logp = self.frozen_logprobs(self.policy, tokens, mask)
-        ref_logp = self.frozen_logprobs(self.reference, tokens, mask)
+        logp = self.frozen_logprobs(self.policy, tokens, mask, response)
+        ref_logp = self.frozen_logprobs(self.reference, tokens, mask, response)
         kl = sequence_kl(logp, ref_logp, response, s.kl_estimator)
         R = reward - s.beta * kl
         advantage, _ = rloo_advantages(R, ended, k)       # 7.4-7.5
@@ -226,7 +230,7 @@ class Reinforce:
         cuts = torch.arange(len(ro.tokens)).tensor_split(self.s.optimizer_steps)
 
         def loss_fn(rows):  # 7.6, on a micro-batch of the optimizer batch
-            logp = self.logprobs(self.policy, ro.tokens, ro.mask, rows)
+            logp = self.logprobs(self.policy, ro.tokens, ro.mask, ro.response, rows)
             response = ro.response[rows][:, :logp.shape[1]].to(self.device)
             return policy_loss(logp, response, ro.advantage[rows].to(self.device)), len(rows), {}
 

@@ -31,6 +31,7 @@ conversations longer than --max-length are dropped, never cut.
 """
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,19 +86,32 @@ class SFTSettings:
 
 # ---- the loss ----------------------------------------------------------------------------
 
-def token_logprobs(model, tokens, mask, grid=None):
-    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: (B, T - 1) float32.
+def token_logprobs(model, tokens, mask, grid=None, targets=None):
+    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: (B, T - 1), float32 at least.
 
+    With `targets`, a (B, T - 1) bool mask of the predictions wanted (a response's tokens),
+    the output layer runs at those positions only and the others are 0: the prompt's logits,
+    a (T, vocab) matrix per row, are neither computed nor stored.
     Under tensor parallelism the logits stay split over the vocabulary and the log-softmax is
-    computed from all-reduced (B, T) numbers (`parallel.vocab_parallel_logprobs`).
+    computed from all-reduced numbers (`parallel.vocab_parallel_logprobs`).
     """
-    if grid is not None and grid.tp_size > 1:
+    tp = grid is not None and grid.tp_size > 1
+    if tp:
         from minirm.parallel import local_logits, vocab_parallel_logprobs
-        with local_logits(model):
-            logits = model(tokens, mask)
-        return vocab_parallel_logprobs(logits[:, :-1], tokens[:, 1:], grid.tp_group)
-    logits = model(tokens, mask)[:, :-1].float()
-    return -F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+    with local_logits(model) if tp else nullcontext():
+        if targets is None:
+            logits, wanted = model(tokens, mask)[:, :-1], tokens[:, 1:]
+        else:
+            h = model.norm(model.body(tokens, mask))[:, :-1][targets]    # (n, dim)
+            logits, wanted = model.logits_from(h), tokens[:, 1:][targets]
+    if tp:
+        logp = vocab_parallel_logprobs(logits, wanted, grid.tp_group)
+    else:
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logp = -F.cross_entropy(logits.movedim(-1, 1), wanted, reduction="none")
+    if targets is None:
+        return logp
+    return logp.new_zeros(targets.shape).masked_scatter(targets, logp)
 
 
 def response_mask(starts, lengths, T):
@@ -113,7 +127,7 @@ def sft_loss(model, batch, pad_id, grid=None):
     device = next(model.parameters()).device
     keep = response_mask([e.start for e in batch], [len(e.ids) for e in batch],
                          tokens.shape[1]).to(device)
-    logp = token_logprobs(model, tokens.to(device), mask.to(device), grid)
+    logp = token_logprobs(model, tokens.to(device), mask.to(device), grid, keep)
     n = keep.sum()
     return -(logp * keep).sum() / n.clamp(min=1), int(n)
 

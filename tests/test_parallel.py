@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minirm import distributed, parallel
+from minirm import distributed, parallel, sft
 from minirm.checkpoint import load_model, save_model, save_model_parallel
 from minirm.config import preset
 from minirm.distributed import Grid
@@ -150,6 +150,12 @@ def _model():
             loss_ref = F.cross_entropy(ref(tokens, mask)[:, :-1].reshape(-1, 259),
                                        tokens[:, 1:].masked_fill(~mask[:, 1:], -100).reshape(-1))
             loss = _lm_loss(tp, tokens, mask, grid.tp_group)
+            # Log-probs of chosen targets only (the output layer on those positions alone).
+            targets = mask[:, 1:] & (torch.arange(11) >= 6)
+            lp_ref = sft.token_logprobs(ref, tokens, mask, targets=targets)
+            lp = sft.token_logprobs(tp, tokens, mask, grid, targets)
+            torch.testing.assert_close(lp, lp_ref, **TOL)
+            loss_ref, loss = loss_ref - 0.1 * lp_ref.sum(), loss - 0.1 * lp.sum()
         else:  # a reward model without a language-model head
             loss_ref = loss = torch.zeros(())
         if cfg.n_outputs:

@@ -37,7 +37,17 @@ class FixedLogits(torch.nn.Module):
         self.logits = torch.nn.Parameter(torch.tensor(probs).log()[None])
 
     def forward(self, tokens, mask=None):
+        return self.logits_from(self.norm(self.body(tokens, mask)))
+
+    # The model's three stages, with the "hidden states" the logits themselves.
+    def body(self, tokens, mask=None):
         return self.logits
+
+    def norm(self, h):
+        return h
+
+    def logits_from(self, h):
+        return h
 
 
 def test_loss_masks_prompt_tokens_by_hand():
@@ -61,6 +71,29 @@ def test_gradient_never_reaches_prompt_predictions():
     grad = model.logits.grad[0].abs().sum(-1)
     assert grad[:2].tolist() == [0.0, 0.0] and grad[4].item() == 0.0
     assert grad[2].item() > 0 and grad[3].item() > 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logprobs_at_targets_only(tied):
+    """token_logprobs(targets=) runs the output layer at the wanted predictions alone: the same
+    log-probs and gradients there as the full logits give, 0 elsewhere (float64)."""
+    from minirm.config import preset
+    from minirm.model import Transformer
+
+    model = Transformer(preset("debug", tie_embeddings=tied)).init_weights(seed=2).double()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, 8:] = False
+    targets = sft.response_mask([4, 2, 9], [12, 8, 12], 12)
+    full = sft.token_logprobs(model, tokens, mask)
+    got = sft.token_logprobs(model, tokens, mask, targets=targets)
+    torch.testing.assert_close(got, full * targets, rtol=0, atol=1e-12)
+    w = torch.randn(full.shape, generator=g, dtype=torch.float64)
+    g_got = torch.autograd.grad((got * w).sum(), model.parameters())
+    g_want = torch.autograd.grad((full * targets * w).sum(), model.parameters())
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def write_chats(path, rows):
