@@ -51,7 +51,7 @@ from minirm.checkpoint import load_model, load_tokenizer, save_model_parallel
 from minirm.cliargs import describe, opt, parse, positive, save_settings
 from minirm.config import PRESETS, from_hf
 from minirm.errors import UserError, cli
-from minirm.sft import response_mask, tiny_model_threads, token_logprobs
+from minirm.sft import grouped_logprobs, response_mask, tiny_model_threads
 from minirm.trainer import OptimSettings, Trainer
 
 KL_ESTIMATORS = ("abs", "k1", "k3")
@@ -177,11 +177,12 @@ class Reinforce:
 
     def logprobs(self, model, tokens, mask, response, rows):
         """Per-token log-probs (n, T' - 1) of the response tokens of the sequences `rows`, T'
-        their longest (0 at the prompt's positions, whose logits are not computed)."""
+        their longest (0 at the prompt's positions, whose logits are not computed), in
+        batches of similar length (`sft.grouped_logprobs`)."""
         tokens, mask = trim(tokens[rows], mask[rows])
         targets = response[rows][:, :tokens.shape[1] - 1]
-        return token_logprobs(model, tokens.to(self.device), mask.to(self.device), self.grid,
-                              targets.to(self.device))
+        return grouped_logprobs(model, tokens.to(self.device), mask.to(self.device),
+                                targets.to(self.device), self.grid)
 
     def frozen_logprobs(self, model, tokens, mask, response):
         """Per-token log-probs (N, T - 1) of all responses, no gradient, in micro-batches."""

@@ -86,14 +86,15 @@ class SFTSettings:
 
 # ---- the loss ----------------------------------------------------------------------------
 
-def token_logprobs(model, tokens, mask, grid=None, targets=None):
+def token_logprobs(model, tokens, mask, grid=None, targets=None, embedded=None):
     """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: (B, T - 1), float32 at least.
 
     With `targets`, a (B, T - 1) bool mask of the predictions wanted (a response's tokens),
     the output layer runs at those positions only and the others are 0: the prompt's logits,
     a (T, vocab) matrix per row, are neither computed nor stored.
     Under tensor parallelism the logits stay split over the vocabulary and the log-softmax is
-    computed from all-reduced numbers (`parallel.vocab_parallel_logprobs`).
+    computed from all-reduced numbers (`parallel.vocab_parallel_logprobs`). `embedded`: the
+    tokens' embeddings, when the caller has them (with `targets`).
     """
     tp = grid is not None and grid.tp_size > 1
     if tp:
@@ -102,7 +103,7 @@ def token_logprobs(model, tokens, mask, grid=None, targets=None):
         if targets is None:
             logits, wanted = model(tokens, mask)[:, :-1], tokens[:, 1:]
         else:
-            h = model.norm(model.body(tokens, mask))[:, :-1][targets]    # (n, dim)
+            h = model.norm(model.body(tokens, mask, embedded=embedded))[:, :-1][targets]
             logits, wanted = model.logits_from(h), tokens[:, 1:][targets]
     if tp:
         logp = vocab_parallel_logprobs(logits, wanted, grid.tp_group)
@@ -120,6 +121,30 @@ def response_mask(starts, lengths, T):
     return (target >= torch.tensor(starts)[:, None]) & (target < torch.tensor(lengths)[:, None])
 
 
+def grouped_logprobs(model, tokens, mask, targets, grid=None):
+    """`token_logprobs(..., targets)` of a right-padded batch (B, T), computed over the fewest
+    padded positions: the rows in up to three batches of similar length (`data.length_groups`),
+    each cut to its own longest row, with one embedding lookup for all (one dense gradient of
+    the table, not one per batch). Returns (B, T - 1), 0 where not a target."""
+    lengths = mask.sum(-1).tolist()
+    groups = D.length_groups(lengths)
+    cut = [max(lengths[i] for i in g) for g in groups]
+    rows = [torch.tensor(g, device=tokens.device) for g in groups]
+    parts = [tokens[r, :T] for r, T in zip(rows, cut)]
+    embedded = model.tok_embeddings(torch.cat([t.reshape(-1) for t in parts]))
+    embedded = embedded.split([t.numel() for t in parts])
+    out = []
+    for r, T, t, x in zip(rows, cut, parts, embedded):
+        lp = token_logprobs(model, t, mask[r, :T], grid, targets[r, :T - 1],
+                            x.view(*t.shape, -1))
+        out.append(F.pad(lp, (0, tokens.shape[1] - T)))
+    if len(groups) == 1 and groups[0] == list(range(len(lengths))):
+        return out[0]
+    where = torch.empty(len(lengths), dtype=torch.long)
+    where[[i for g in groups for i in g]] = torch.arange(len(lengths))
+    return torch.cat(out)[where.to(tokens.device)]
+
+
 def sft_loss(model, batch, pad_id, grid=None):
     """(mean negative log-likelihood over the response tokens, their count) of `batch`, a list
     of `data.Encoded` conversations. Prompt tokens (before `start`) are not predicted."""
@@ -127,7 +152,7 @@ def sft_loss(model, batch, pad_id, grid=None):
     device = next(model.parameters()).device
     keep = response_mask([e.start for e in batch], [len(e.ids) for e in batch],
                          tokens.shape[1]).to(device)
-    logp = token_logprobs(model, tokens.to(device), mask.to(device), grid, keep)
+    logp = grouped_logprobs(model, tokens.to(device), mask.to(device), keep, grid)
     n = keep.sum()
     return -(logp * keep).sum() / n.clamp(min=1), int(n)
 

@@ -12,6 +12,7 @@ from minirm import reinforce as R
 from minirm.checkpoint import load_model, load_tokenizer, save_model
 from minirm.config import preset
 from minirm.model import Transformer
+from minirm.sft import token_logprobs
 from minirm.tokenizer import Tokenizer, chat_prompt
 from minirm.trainer import OptimSettings, Trainer
 
@@ -91,10 +92,10 @@ def test_one_step_moves_the_log_prob_with_the_advantage(sign):
 
     def seq_logp():
         with torch.no_grad():
-            return (R.token_logprobs(model, tokens, mask) * response).sum().item()
+            return (token_logprobs(model, tokens, mask) * response).sum().item()
 
     def loss_fn(_):
-        return R.policy_loss(R.token_logprobs(model, tokens, mask), response, A), 1, {}
+        return R.policy_loss(token_logprobs(model, tokens, mask), response, A), 1, {}
 
     before = seq_logp()
     trainer = Trainer(model, OptimSettings(lr=1e-3, warmup_steps=0, weight_decay=0.01),

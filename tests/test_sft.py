@@ -39,8 +39,11 @@ class FixedLogits(torch.nn.Module):
     def forward(self, tokens, mask=None):
         return self.logits_from(self.norm(self.body(tokens, mask)))
 
-    # The model's three stages, with the "hidden states" the logits themselves.
-    def body(self, tokens, mask=None):
+    # The model's stages, with the "hidden states" the logits themselves.
+    def tok_embeddings(self, ids):
+        return ids[:, None].float()
+
+    def body(self, tokens, mask=None, embedded=None):
         return self.logits
 
     def norm(self, h):
@@ -92,6 +95,36 @@ def test_logprobs_at_targets_only(tied):
     w = torch.randn(full.shape, generator=g, dtype=torch.float64)
     g_got = torch.autograd.grad((got * w).sum(), model.parameters())
     g_want = torch.autograd.grad((full * targets * w).sum(), model.parameters())
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_grouped_logprobs_are_each_rows_own():
+    """grouped_logprobs runs rows of unlike lengths as batches of similar length; each row gets
+    the log-probs and gradients it gets alone (float64), in input order, 0 off its targets."""
+    from minirm.config import preset
+    from minirm.data import collate
+    from minirm.model import Transformer
+
+    model = Transformer(preset("debug")).init_weights(seed=4).double()
+    g = torch.Generator().manual_seed(1)
+    lengths, starts = [5, 40, 6, 38, 4], [2, 10, 3, 30, 1]
+    seqs = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+    tokens, mask = collate(seqs, 258)
+    targets = sft.response_mask(starts, lengths, tokens.shape[1])
+    got = sft.grouped_logprobs(model, tokens, mask, targets)
+    assert got.shape == (5, 39)
+    w = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    g_got = torch.autograd.grad((got * w).sum(), model.parameters())
+    want = torch.zeros_like(got)
+    total = 0
+    for i, s in enumerate(seqs):  # each row alone, unpadded
+        x = torch.tensor([s])
+        lp = sft.token_logprobs(model, x, None) * targets[i, :len(s) - 1]
+        want[i, :len(s) - 1] = lp[0].detach()
+        total = total + (lp[0] * w[i, :len(s) - 1]).sum()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g_want = torch.autograd.grad(total, model.parameters())
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
