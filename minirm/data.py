@@ -592,6 +592,17 @@ def length_groups(lengths: list[int], max_groups=3, min_gain=MIN_GAIN) -> list[l
     return groups[::-1]
 
 
+def in_input_order(parts, groups):
+    """Row outputs computed batch by batch (`parts`, one tensor per index list of `groups`),
+    concatenated and put back in the order of the rows' indices."""
+    if len(parts) == 1 and groups[0] == list(range(len(groups[0]))):
+        return parts[0]
+    n = sum(map(len, groups))
+    where = torch.empty(n, dtype=torch.long)
+    where[[i for g in groups for i in g]] = torch.arange(n)
+    return torch.cat(parts)[where.to(parts[0].device)]
+
+
 def shared_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens two sequences share (their prompt, unless truncation cut the two
     differently), keeping at least one token of each out of it: the reward is read at the last

@@ -377,6 +377,13 @@ class Transformer(nn.Module):
         """Next-token logits (B, T, vocab)."""
         return self.logits_from(self.norm(self.body(tokens, mask, cache)))
 
+    def embed_together(self, *tokens):
+        """The embeddings of several token tensors, in one lookup: its backward then makes one
+        dense gradient of the whole table (113 MB for SmolLM2), not one per tensor."""
+        x = self.tok_embeddings(torch.cat([t.reshape(-1) for t in tokens]))
+        parts = x.split([t.numel() for t in tokens])
+        return [e.view(*t.shape, -1) for t, e in zip(tokens, parts)]
+
     def last_hidden(self, tokens, mask=None, prompts=None, embedded=None):
         """Final-norm hidden states (B, dim) at each row's last real token: what a reward reads.
 
@@ -391,17 +398,13 @@ class Transformer(nn.Module):
             if embedded is not None:
                 raise ValueError("pass embedded= or prompts=, not both")
             prompt_tokens, prompt_mask, rows = prompts
-            # One embedding lookup for both passes: its backward makes one dense gradient of
-            # the whole table, not two.
-            n = prompt_tokens.numel()
-            x = self.tok_embeddings(torch.cat((prompt_tokens.reshape(-1), tokens.reshape(-1))))
-            embedded = x[n:].view(*tokens.shape, -1)
+            prompt_embedded, embedded = self.embed_together(prompt_tokens, tokens)
             cache = SharedPrompts(prompt_mask)
             # Only the keys and values of the prompt's last block are used: reading one
             # position skips the rest of it, as for the reward.
             self.body(prompt_tokens, prompt_mask, cache=cache,
                       read=torch.full((1,), -1, device=prompt_tokens.device),
-                      embedded=x[:n].view(*prompt_tokens.shape, -1))
+                      embedded=prompt_embedded)
             cache = cache.continued(rows)
         last = last_token_index(mask, tokens.shape[1], tokens.device)
         return self.norm(self.body(tokens, mask, cache=cache, read=last, embedded=embedded))

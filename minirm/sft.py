@@ -124,25 +124,18 @@ def response_mask(starts, lengths, T):
 def grouped_logprobs(model, tokens, mask, targets, grid=None):
     """`token_logprobs(..., targets)` of a right-padded batch (B, T), computed over the fewest
     padded positions: the rows in up to three batches of similar length (`data.length_groups`),
-    each cut to its own longest row, with one embedding lookup for all (one dense gradient of
-    the table, not one per batch). Returns (B, T - 1), 0 where not a target."""
+    each cut to its own longest row, with one embedding lookup for all
+    (`Transformer.embed_together`). Returns (B, T - 1), 0 where not a target."""
     lengths = mask.sum(-1).tolist()
     groups = D.length_groups(lengths)
     cut = [max(lengths[i] for i in g) for g in groups]
     rows = [torch.tensor(g, device=tokens.device) for g in groups]
     parts = [tokens[r, :T] for r, T in zip(rows, cut)]
-    embedded = model.tok_embeddings(torch.cat([t.reshape(-1) for t in parts]))
-    embedded = embedded.split([t.numel() for t in parts])
     out = []
-    for r, T, t, x in zip(rows, cut, parts, embedded):
-        lp = token_logprobs(model, t, mask[r, :T], grid, targets[r, :T - 1],
-                            x.view(*t.shape, -1))
+    for r, T, t, x in zip(rows, cut, parts, model.embed_together(*parts)):
+        lp = token_logprobs(model, t, mask[r, :T], grid, targets[r, :T - 1], x)
         out.append(F.pad(lp, (0, tokens.shape[1] - T)))
-    if len(groups) == 1 and groups[0] == list(range(len(lengths))):
-        return out[0]
-    where = torch.empty(len(lengths), dtype=torch.long)
-    where[[i for g in groups for i in g]] = torch.arange(len(lengths))
-    return torch.cat(out)[where.to(tokens.device)]
+    return D.in_input_order(out, groups)
 
 
 def sft_loss(model, batch, pad_id, grid=None):

@@ -293,22 +293,13 @@ def batch_rewards(model, seqs, pad_id, device, autocast=None, pairs=0):
             with autocast:
                 return model.reward(tokens.to(device), mask.to(device),
                                     tuple(t.to(device) for t in prompts))
-    batches = [D.collate([seqs[i] for i in g], pad_id) for g in groups]
-    # One embedding lookup for all of them: its backward makes one dense gradient of the whole
-    # table (113 MB for SmolLM2), not one per batch.
-    flat = torch.cat([tokens.reshape(-1) for tokens, _ in batches]).to(device)
+    batches = [tuple(t.to(device) for t in D.collate([seqs[i] for i in g], pad_id))
+               for g in groups]
     with autocast:
-        embedded = model.tok_embeddings(flat).split([t.numel() for t, _ in batches])
-    parts = []
-    for (tokens, mask), x in zip(batches, embedded):
-        with autocast:
-            parts.append(model.reward(tokens.to(device), mask.to(device),
-                                      embedded=x.view(*tokens.shape, -1)))
-    if len(parts) == 1 and groups[0] == list(range(len(seqs))):
-        return parts[0]
-    where = torch.empty(len(seqs), dtype=torch.long)
-    where[[i for g in groups for i in g]] = torch.arange(len(seqs))
-    return torch.cat(parts)[where.to(parts[0].device)]
+        embedded = model.embed_together(*(tokens for tokens, _ in batches))
+        parts = [model.reward(tokens, mask, embedded=x) for (tokens, mask), x in
+                 zip(batches, embedded)]
+    return D.in_input_order(parts, groups)
 
 
 def make_loss_fn(objective, model, device, pad_id, autocast):
