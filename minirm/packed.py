@@ -3,35 +3,36 @@
 Decoding one token reads every weight once and does little arithmetic with it, so its speed is
 the speed at which the matrix-vector products stream weights from memory, and the fastest way to
 stream them depends on the processor. Inside `packed_for_decoding(model, rows)` the projections
-run in whichever of two layouts reads faster on this machine, measured once per process:
+run in whichever of two layouts decodes faster on this machine, measured once per process. In
+both, the q, k and v projections become one matrix, and so do SwiGLU's gate and up projections
+(w1, w3): fewer and larger products, the same numbers (rows of a product are independent).
+Both are a copy, as large again as the projections and the output layer.
 
-- `onednn`: the q, k and v projections become one matrix, and so do SwiGLU's gate and up
-  projections (w1, w3): fewer and larger products, the same numbers (rows of a product are
-  independent). Every projection, and the output layer, is reordered once into oneDNN's blocked
-  layout (`torch.ops.mkldnn._reorder_linear_weight`). On AMD EPYC its matrix-vector kernel
-  streams at close to the bandwidth limit where `F.linear` (MKL, tuned for long rows; a 576-wide
-  row is short) reaches about half. This is a copy, as large again as the projections and the
-  output layer.
-- `blas`: `F.linear` on the model's own weights, one product per projection (no copy). On Intel
-  Xeon, MKL's kernel reads 30-60% faster than oneDNN's packed one, and a fused gate/up matrix
-  reads slower than its two halves.
+- `onednn`: every projection, and the output layer, reordered into oneDNN's blocked layout
+  (`torch.ops.mkldnn._reorder_linear_weight`). On AMD EPYC its matrix-vector kernel streams at
+  close to the bandwidth limit where `F.linear` (MKL, tuned for long rows; a 576-wide row is
+  short) reaches about half; on Intel Xeon it is the faster of the two for 8 rows.
+- `blas`: the weights stored transposed, (in, out) contiguous, and y = x @ W^T computed as x
+  times that row-major matrix with torch's BLAS. For one row on Intel Xeon, MKL streams it
+  20-30% faster than `F.linear` reads the model's own (out, in) weights, and faster than
+  oneDNN's packed layout.
 
-`choose` times one pass over every layer's products in both layouts (~0.5 s, once per process,
-model shape, thread count and number of rows); MINIRM_CPU_MATMUL=onednn or =blas fixes the
-choice instead. The chosen weights stay with the model for the next `generate` call,
-rebuilt when any weight has changed since (an optimizer step, a load); `release(model)` frees
-them. Packing SmolLM2-135M takes ~0.3 s, so a REINFORCE step repacks after its optimizer
-updates for a small fraction of its rollout time. It applies only where it can help and is
-exact: float32 weights on the CPU, plain `Linear` layers (not tensor-parallel shards), dim x dim
-of at least MIN_WEIGHTS, gradients off. Elsewhere the model runs as written. Both layouts agree
-with `F.linear` to float32 rounding (tests/test_model.py).
+`choose` times a few decoding steps of the model itself in both layouts (~1.5 s, once per
+process, model shape, thread count and number of rows): timing the products alone predicted the
+wrong layout for 8 rows on the Xeon. MINIRM_CPU_MATMUL=onednn or =blas fixes the choice instead.
+The chosen weights stay with the model for the next `generate` call, rebuilt when any weight has
+changed since (an optimizer step, a load); `release(model)` frees them. Packing SmolLM2-135M
+takes ~0.3 s, so a REINFORCE step repacks after its optimizer updates for a small fraction of
+its rollout time. It applies only where it can help and is exact: float32 weights on the CPU,
+plain `Linear` layers (not tensor-parallel shards), dim x dim of at least MIN_WEIGHTS, gradients
+off. Elsewhere the model runs as written. Both layouts agree with `F.linear` to float32
+rounding (tests/test_model.py).
 """
 
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minirm import onednn
 
@@ -59,15 +60,18 @@ class PackedLinear:
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else y
 
 
-class PlainLinear:
-    """The same call on the layers' own weights, one F.linear (torch's BLAS) each."""
+class TransposedLinear:
+    """The same call on the layers' weights stacked and stored transposed, (in, out)
+    contiguous: x @ W^T as x times a row-major matrix, one BLAS product."""
 
     def __init__(self, *weights: torch.Tensor):
-        self.weights = [w.detach() for w in weights]
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        self.sizes = [w.shape[0] for w in weights]
+        self.transposed = weight.detach().t().contiguous()
 
     def __call__(self, x):
-        ys = [F.linear(x, w) for w in self.weights]
-        return ys if len(ys) > 1 else ys[0]
+        y = x @ self.transposed
+        return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else y
 
 
 def can_pack(model) -> bool:
@@ -89,7 +93,7 @@ def _versions(model):
 
 
 def _pack(model, layout):
-    make = PackedLinear if layout == "onednn" else PlainLinear
+    make = PackedLinear if layout == "onednn" else TransposedLinear
     packs = []
     for layer in model.layers:
         a, f = layer.attention, layer.feed_forward
@@ -101,25 +105,45 @@ def _pack(model, layout):
     return packs, head
 
 
-def _products(packs, head, rows, dim, ffn):
-    """One decoding step's products alone, on random inputs."""
-    x, h = torch.randn(rows, dim), torch.randn(rows, ffn)
-    for (qkv, wo), (w13, w2) in packs:
-        q = qkv(x)[0]
-        wo(x if q.shape[-1] == dim else torch.randn(rows, q.shape[-1]))
-        w13(x)
-        w2(h)
-    if head is not None:
-        head(x)
+def _installed(model, packs, head):
+    for layer, (attn, ffn) in zip(model.layers, packs):
+        layer.attention.packed, layer.feed_forward.packed = attn, ffn
+    model.packed_head = head
+
+
+def _removed(model):
+    for layer in model.layers:
+        layer.attention.packed = layer.feed_forward.packed = None
+    model.packed_head = None
+
+
+def _steps(model, built, rows, repeats=3):
+    """A decoding step of `rows` rows in each layout of `built`, in turns, after a warm-up step
+    each: the fastest time of each. Each layout decodes its own cache of one-token steps."""
+    from minirm.model import KVCache
+
+    token = torch.zeros(rows, 1, dtype=torch.long)
+    caches = {name: KVCache(len(model.layers), rows, repeats + 1) for name in built}
+
+    def step(name):
+        _installed(model, *built[name])
+        h = model.body(token, None, caches[name])
+        if model.packed_head is not None:
+            model.packed_head(h)
+
+    try:
+        return onednn.fastest_of([lambda name=name: step(name) for name in built], repeats)
+    finally:
+        _removed(model)
 
 
 _CHOSEN = {}  # (model shape, threads, rows) -> layout
 
 
 def choose(model, rows: int, built: dict) -> str:
-    """The layout whose products read fastest here for `rows` rows at once: one pass over all
-    layers in each, timed in turns, the fastest of three passes each. Layouts it builds to time
-    them are left in `built` (name -> weights)."""
+    """The layout that decodes fastest here for `rows` rows at once, from the model's own
+    decoding steps in each (`_steps`). Layouts it builds to time them are left in `built`
+    (name -> weights)."""
     if onednn.forced():
         return onednn.forced()
     cfg = model.cfg
@@ -129,9 +153,8 @@ def choose(model, rows: int, built: dict) -> str:
         for name in LAYOUTS:
             if name not in built:
                 built[name] = _pack(model, name)
-        times = onednn.fastest_of([
-            lambda name=name: _products(*built[name], rows, cfg.dim, cfg.ffn_dim)
-            for name in LAYOUTS])
+        with torch.inference_mode():
+            times = _steps(model, {name: built[name] for name in LAYOUTS}, rows)
         _CHOSEN[key] = LAYOUTS[times.index(min(times))]
     return _CHOSEN[key]
 
@@ -157,16 +180,11 @@ def packed_for_decoding(model, rows: int = 1):
         del built[name]  # keep only the layout in use
     if layout not in built:
         built[layout] = _pack(model, layout)
-    packs, head = built[layout]
-    for layer, (attn, ffn) in zip(model.layers, packs):
-        layer.attention.packed, layer.feed_forward.packed = attn, ffn
-    model.packed_head = head
+    _installed(model, *built[layout])
     try:
         yield model
     finally:
-        for layer in model.layers:
-            layer.attention.packed = layer.feed_forward.packed = None
-        model.packed_head = None
+        _removed(model)
 
 
 def layout_in_use(model):

@@ -277,14 +277,14 @@ def test_sampling_logprobs_are_those_of_the_filtered_distribution():
 
 
 def test_packed_decoding_matches_the_plain_model(monkeypatch):
-    """minirm.packed: both decoding layouts (fused, oneDNN-packed projections; F.linear on the
-    model's own weights) give the plain model's logits, in prefill and cached decode, tied and
-    untied heads; a weight update is seen at the next call (the packed copy is rebuilt), and
+    """minirm.packed: both decoding layouts (fused projections, oneDNN-packed or stored
+    transposed for torch's BLAS) give the plain model's logits, in prefill and cached decode,
+    tied and untied heads; a weight update is seen at the next call (the packed copy is rebuilt), and
     toy-sized models are left unpacked. Unforced, the layout is timed once and remembered."""
     from minirm import packed
 
     assert not packed.can_pack(Transformer(preset("toy")))
-    for tied, layout in ((True, "onednn"), (False, "onednn"), (True, "blas")):
+    for tied, layout in ((True, "onednn"), (False, "onednn"), (True, "blas"), (False, "blas")):
         monkeypatch.setenv("MINIRM_CPU_MATMUL", layout)
         cfg = preset("debug", dim=384, ffn_dim=512, n_heads=6, n_kv_heads=2,
                      tie_embeddings=tied)
