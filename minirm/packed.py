@@ -117,7 +117,7 @@ def _removed(model):
     model.packed_head = None
 
 
-def _steps(model, built, rows, repeats=3):
+def _steps(model, built, rows, repeats=5):
     """A decoding step of `rows` rows in each layout of `built`, in turns, after a warm-up step
     each: the fastest time of each. Each layout decodes its own cache of one-token steps."""
     from minirm.model import KVCache
