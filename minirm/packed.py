@@ -17,9 +17,10 @@ Both are a copy, as large again as the projections and the output layer.
   20-30% faster than `F.linear` reads the model's own (out, in) weights, and faster than
   oneDNN's packed layout.
 
-`choose` times a few decoding steps of the model itself in both layouts (~1.5 s, once per
-process, model shape, thread count and number of rows): timing the products alone predicted the
-wrong layout for 8 rows on the Xeon. MINIRM_CPU_MATMUL=onednn or =blas fixes the choice instead.
+`choose` times the model's own decoding steps in both layouts, several in a row as `generate`
+runs them (~1.5 s, once per process, model shape, thread count and number of rows): timing the
+products alone, or steps alternating between the layouts, predicted the wrong layout for 8 rows
+on the Xeon. MINIRM_CPU_MATMUL=onednn or =blas fixes the choice instead.
 The chosen weights stay with the model for the next `generate` call, rebuilt when any weight has
 changed since (an optimizer step, a load); `release(model)` frees them. Packing SmolLM2-135M
 takes ~0.3 s, so a REINFORCE step repacks after its optimizer updates for a small fraction of
@@ -29,6 +30,8 @@ off. Elsewhere the model runs as written. Both layouts agree with `F.linear` to 
 rounding (tests/test_model.py).
 """
 
+import math
+import time
 from contextlib import contextmanager
 
 import torch
@@ -117,24 +120,32 @@ def _removed(model):
     model.packed_head = None
 
 
-def _steps(model, built, rows, repeats=5):
-    """A decoding step of `rows` rows in each layout of `built`, in turns, after a warm-up step
-    each: the fastest time of each. Each layout decodes its own cache of one-token steps."""
+def _steps(model, built, rows, steps=4, rounds=2):
+    """The fastest decoding step of `rows` rows in each layout of `built`. Each layout decodes
+    `steps` steps in a row after a warm-up step, as `generate` does, in `rounds` turns.
+
+    In a row, not alternating step by step: a processor's last-level cache keeps part of the
+    weights of one step for the next, and alternating layouts (two copies of the weights)
+    loses that; on the Xeon it hid a 10-15% lead of one layout for 8 rows."""
     from minirm.model import KVCache
 
     token = torch.zeros(rows, 1, dtype=torch.long)
-    caches = {name: KVCache(len(model.layers), rows, repeats + 1) for name in built}
-
-    def step(name):
-        _installed(model, *built[name])
-        h = model.body(token, None, caches[name])
-        if model.packed_head is not None:
-            model.packed_head(h)
-
+    best = {name: math.inf for name in built}
     try:
-        return onednn.fastest_of([lambda name=name: step(name) for name in built], repeats)
+        for _ in range(rounds):
+            for name in built:
+                _installed(model, *built[name])
+                cache = KVCache(len(model.layers), rows, steps + 1)
+                for i in range(steps + 1):
+                    start = time.perf_counter()
+                    h = model.body(token, None, cache)
+                    if model.packed_head is not None:
+                        model.packed_head(h)
+                    if i:
+                        best[name] = min(best[name], time.perf_counter() - start)
     finally:
         _removed(model)
+    return [best[name] for name in built]
 
 
 _CHOSEN = {}  # (model shape, threads, rows) -> layout
