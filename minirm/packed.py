@@ -17,10 +17,10 @@ Both are a copy, as large again as the projections and the output layer.
   20-30% faster than `F.linear` reads the model's own (out, in) weights, and faster than
   oneDNN's packed layout.
 
-`choose` times the model's own decoding steps in both layouts, several in a row as `generate`
+`choose` times the model's own decoding steps in each layout, several in a row as `generate`
 runs them (~1.5 s, once per process, model shape, thread count and number of rows): timing the
 products alone, or steps alternating between the layouts, predicted the wrong layout for 8 rows
-on the Xeon. MINIRM_CPU_MATMUL=onednn or =blas fixes the choice instead.
+on the Xeon. It holds one layout's copy at a time, never two. MINIRM_CPU_MATMUL=onednn or =blas fixes the choice instead.
 The chosen weights stay with the model for the next `generate` call, rebuilt when any weight has
 changed since (an optimizer step, a load); `release(model)` frees them. Packing SmolLM2-135M
 takes ~0.3 s, so a REINFORCE step repacks after its optimizer updates for a small fraction of
@@ -120,32 +120,30 @@ def _removed(model):
     model.packed_head = None
 
 
-def _steps(model, built, rows, steps=4, rounds=2):
-    """The fastest decoding step of `rows` rows in each layout of `built`. Each layout decodes
-    `steps` steps in a row after a warm-up step, as `generate` does, in `rounds` turns.
+def _fastest_step(model, weights, rows, steps=5):
+    """The fastest of `steps` decoding steps of `rows` rows with `weights` (one layout's), taken
+    in a row after a warm-up step, as `generate` runs them.
 
-    In a row, not alternating step by step: a processor's last-level cache keeps part of the
-    weights of one step for the next, and alternating layouts (two copies of the weights)
-    loses that; on the Xeon it hid a 10-15% lead of one layout for 8 rows."""
+    In a row, not alternating with the other layout step by step: a processor's last-level
+    cache keeps part of one step's weights for the next, and alternating between two copies
+    of the weights loses that; on the Xeon it hid a 10-15% lead of one layout for 8 rows."""
     from minirm.model import KVCache
 
     token = torch.zeros(rows, 1, dtype=torch.long)
-    best = {name: math.inf for name in built}
+    cache = KVCache(len(model.layers), rows, steps + 1)
+    best = math.inf
+    _installed(model, *weights)
     try:
-        for _ in range(rounds):
-            for name in built:
-                _installed(model, *built[name])
-                cache = KVCache(len(model.layers), rows, steps + 1)
-                for i in range(steps + 1):
-                    start = time.perf_counter()
-                    h = model.body(token, None, cache)
-                    if model.packed_head is not None:
-                        model.packed_head(h)
-                    if i:
-                        best[name] = min(best[name], time.perf_counter() - start)
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            h = model.body(token, None, cache)
+            if model.packed_head is not None:
+                model.packed_head(h)
+            if i:
+                best = min(best, time.perf_counter() - start)
     finally:
         _removed(model)
-    return [best[name] for name in built]
+    return best
 
 
 _CHOSEN = {}  # (model shape, threads, rows) -> layout
@@ -153,20 +151,22 @@ _CHOSEN = {}  # (model shape, threads, rows) -> layout
 
 def choose(model, rows: int, built: dict) -> str:
     """The layout that decodes fastest here for `rows` rows at once, from the model's own
-    decoding steps in each (`_steps`). Layouts it builds to time them are left in `built`
-    (name -> weights)."""
+    decoding steps in each (`_fastest_step`). Each layout is built, timed and dropped in turn,
+    so that there is never more than one copy of the weights besides the model's own; the
+    last one timed is left in `built` (name -> weights)."""
     if onednn.forced():
         return onednn.forced()
     cfg = model.cfg
     key = (cfg.dim, cfg.ffn_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size,
            model.score is None, torch.get_num_threads(), rows)
     if key not in _CHOSEN:
+        times = {}
         for name in LAYOUTS:
-            if name not in built:
-                built[name] = _pack(model, name)
-        with torch.inference_mode():
-            times = _steps(model, {name: built[name] for name in LAYOUTS}, rows)
-        _CHOSEN[key] = LAYOUTS[times.index(min(times))]
+            built.clear()  # free the last copy before making the next
+            built[name] = _pack(model, name)
+            with torch.inference_mode():
+                times[name] = _fastest_step(model, built[name], rows)
+        _CHOSEN[key] = min(times, key=times.get)
     return _CHOSEN[key]
 
 
