@@ -18,13 +18,15 @@ Both are a copy, as large again as the projections and the output layer.
   oneDNN's packed layout.
 
 `choose` times the model's own decoding steps in each layout, several in a row as `generate`
-runs them (~1.5 s, once per process, model shape, thread count and number of rows): timing the
-products alone, or steps alternating between the layouts, predicted the wrong layout for 8 rows
-on the Xeon. It holds one layout's copy at a time, never two. MINIRM_CPU_MATMUL=onednn or =blas fixes the choice instead.
-The chosen weights stay with the model for the next `generate` call, rebuilt when any weight has
-changed since (an optimizer step, a load); `release(model)` frees them. Packing SmolLM2-135M
-takes ~0.3 s, so a REINFORCE step repacks after its optimizer updates for a small fraction of
-its rollout time. It applies only where it can help and is exact: float32 weights on the CPU,
+runs them (once per process, model shape, thread count and number of rows: ~1.5 s for
+SmolLM2-135M at 1 to 8 rows, longer for larger models and batches): timing the products alone,
+or steps alternating between the layouts, predicted the wrong layout for 8 rows on the Xeon.
+It holds one layout's copy at a time, never two. MINIRM_CPU_MATMUL=onednn or =blas fixes the
+choice instead. The chosen weights stay with the model for the next `generate` call, rebuilt
+when any weight has changed since (an optimizer step, a load); `release(model)` frees them,
+and a REINFORCE rollout or an evaluation during SFT calls it after generating, so the copy is
+not held through the optimizer's steps (packing SmolLM2-135M takes ~0.3 s, a small fraction of
+a rollout). It applies only where it can help and is exact: float32 weights on the CPU,
 plain `Linear` layers (not tensor-parallel shards), dim x dim of at least MIN_WEIGHTS, gradients
 off. Elsewhere the model runs as written. Both layouts agree with `F.linear` to float32
 rounding (tests/test_model.py).
@@ -120,6 +122,7 @@ def _removed(model):
     model.packed_head = None
 
 
+@torch.inference_mode()
 def _fastest_step(model, weights, rows, steps=5):
     """The fastest of `steps` decoding steps of `rows` rows with `weights` (one layout's), taken
     in a row after a warm-up step, as `generate` runs them.
@@ -164,8 +167,7 @@ def choose(model, rows: int, built: dict) -> str:
         for name in LAYOUTS:
             built.clear()  # free the last copy before making the next
             built[name] = _pack(model, name)
-            with torch.inference_mode():
-                times[name] = _fastest_step(model, built[name], rows)
+            times[name] = _fastest_step(model, built[name], rows)
         _CHOSEN[key] = min(times, key=times.get)
     return _CHOSEN[key]
 
@@ -173,7 +175,7 @@ def choose(model, rows: int, built: dict) -> str:
 @contextmanager
 def packed_for_decoding(model, rows: int = 1):
     """Within this block, gradient-free forward passes of `model` use the weights laid out as
-    reads fastest here for steps of `rows` rows.
+    decodes fastest here for steps of `rows` rows.
 
     The layout stays with the model for the next call and is rebuilt when any weight has
     changed since (an optimizer step, a load); `release(model)` frees it."""
@@ -205,5 +207,7 @@ def layout_in_use(model):
 
 
 def release(model):
-    """Drop the weights that `packed_for_decoding` keeps (a packed copy, for oneDNN)."""
+    """Drop the copy of the weights that `packed_for_decoding` keeps (either layout): callers
+    that go on to change the weights (a REINFORCE rollout, an evaluation during training) call
+    it after generating, so the copy is not held through the optimizer's steps."""
     model._packed_cache = None

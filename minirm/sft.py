@@ -305,6 +305,7 @@ def sample_report(model, tok, prompts, temperature=0.0, max_new_tokens=64, seed=
     to user messages `prompts`, greedy (temperature 0) or sampled."""
     from minirm import toysteer
     from minirm.generate import generate
+    from minirm.packed import release
     from minirm.tokenizer import chat_prompt
 
     model.eval()
@@ -321,6 +322,7 @@ def sample_report(model, tok, prompts, temperature=0.0, max_new_tokens=64, seed=
         for p, r in zip(part, g.token_lists(stop_ids=stop)):
             text = tok.decode(r)
             rows.append((p, text, toysteer.true_score(p, text)))
+    release(model)  # training goes on: not a copy of the weights held through it
     return sum(r[2] for r in rows) / len(rows), ended / len(rows), rows
 
 

@@ -1,5 +1,7 @@
 """The model against Hugging Face `transformers`, and its invariances (padding, batching, cache)."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -279,8 +281,8 @@ def test_sampling_logprobs_are_those_of_the_filtered_distribution():
 def test_packed_decoding_matches_the_plain_model(monkeypatch):
     """minirm.packed: both decoding layouts (fused projections, oneDNN-packed or stored
     transposed for torch's BLAS) give the plain model's logits, in prefill and cached decode,
-    tied and untied heads; a weight update is seen at the next call (the packed copy is rebuilt), and
-    toy-sized models are left unpacked. Unforced, the layout is timed once and remembered."""
+    tied and untied heads; a weight update is seen at the next call (the packed copy is
+    rebuilt), and toy-sized models are left unpacked. Unforced, the layout is timed once and remembered."""
     from minirm import packed
 
     assert not packed.can_pack(Transformer(preset("toy")))
@@ -315,8 +317,18 @@ def test_packed_decoding_matches_the_plain_model(monkeypatch):
 
     monkeypatch.delenv("MINIRM_CPU_MATMUL")
     monkeypatch.setattr(packed, "_CHOSEN", {})
+    copies, pack = [], packed._pack
+
+    def one_copy_at_a_time(model, layout):  # choosing times each layout with no other alive
+        assert all(c() is None for c in copies), f"{layout} packed beside another copy"
+        packs, head = pack(model, layout)
+        copies.append(weakref.ref(packs[0][0][1]))
+        return packs, head
+
+    monkeypatch.setattr(packed, "_pack", one_copy_at_a_time)
     with packed.packed_for_decoding(model, rows=3):
         chosen = packed.layout_in_use(model)
+    assert len(copies) >= len(packed.LAYOUTS) and model.layers[0].attention.packed is None
     assert chosen in packed.LAYOUTS and list(packed._CHOSEN.values()) == [chosen]
     monkeypatch.setattr(packed, "_pack", lambda *a: pytest.fail("packed again"))
     with packed.packed_for_decoding(model, rows=3):  # same weights, same rows: kept as it was
