@@ -3,7 +3,8 @@
 Prompts of different lengths are left-padded to a common length, so every row writes the same
 cache slot each step; the attention mask keeps padding out and positions per row exact. Each row
 stops at any of the stop ids; rows that stopped keep decoding padding (masked out) until all
-have stopped or `max_new_tokens` is reached.
+have stopped or `max_new_tokens` is reached. A prompt given several times (REINFORCE's k samples
+of each) is prefilled once and its cache copied to each of its rows.
 
 `generate` returns the new tokens, their log-probabilities under the distribution they were
 sampled from (after temperature, top-k and top-p; plain log-softmax for greedy decoding) and
@@ -101,19 +102,27 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top
     if P + max_new_tokens > limit:
         raise UserError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
                         f"model's context of {limit}; shorten the prompt or --max-new-tokens")
+    # A prompt given several times (REINFORCE's k samples of each) is prefilled once: row b
+    # continues distinct prompt rows[b], whose cache and last logits it starts from.
+    distinct = {}
+    rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    first = [rows.index(i) for i in range(len(distinct))]
+    rows = torch.tensor(rows, device=device)
     with packed_for_decoding(model, rows=B):
-        return _sample(model, tokens, mask, max_new_tokens, temperature, top_k, top_p,
-                       stop_ids, pad_id, generator, progress)
+        return _sample(model, tokens[first], mask[first], rows, max_new_tokens, temperature,
+                       top_k, top_p, stop_ids, pad_id, generator, progress)
 
 
-def _sample(model, tokens, mask, max_new_tokens, temperature, top_k, top_p, stop_ids, pad_id,
-            generator, progress):
-    B, P = tokens.shape
+def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p, stop_ids,
+            pad_id, generator, progress):
+    B, P = len(rows), tokens.shape[1]
     device = tokens.device
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    cache = KVCache(len(model.layers), B, P + max_new_tokens)
-    # Prefill: the whole prompt through the model, logits at its last position only.
+    cache = KVCache(len(model.layers), len(tokens), P + max_new_tokens)
+    # Prefill: each distinct prompt through the model, logits at its last position only.
     logits = model.logits_from(model.norm(model.body(tokens, mask, cache)[:, -1:]))[:, -1]
+    if len(tokens) < B:
+        cache, logits = cache.rows(rows), logits[rows]
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     valid = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)

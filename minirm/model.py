@@ -209,6 +209,14 @@ class KVCache(nn.Module):
         self.lengths += mask.sum(-1)
         self.pos += mask.shape[1]
 
+    def rows(self, rows):
+        """A cache whose row b is a copy of this cache's row rows[b] (a prompt prefilled once
+        for several samples)."""
+        out = KVCache(self.n_layers, len(rows), self.max_len)
+        out.k, out.v = self.k[:, rows], self.v[:, rows]
+        out.mask, out.lengths, out.pos = self.mask[rows], self.lengths[rows], self.pos
+        return out
+
 
 class SharedPrompts:
     """The keys and values of prompts computed once for several continuations each: a preference

@@ -249,6 +249,30 @@ def test_generate_greedy_matches_argmax_and_seeded_sampling_repeats():
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
 
 
+def test_generate_prefills_a_repeated_prompt_once():
+    """REINFORCE samples each prompt k times: generate prefills each distinct prompt once and
+    copies its cache rows (KVCache.rows). In float64, every row's greedy tokens and
+    log-probabilities are those of the distinct prompts generated alone, and the prefill ran
+    on the distinct prompts only."""
+    cfg = preset("debug")
+    model = Transformer(cfg).init_weights(seed=2).double().eval()
+    a, b = [256, 5, 6, 7], [256, 9]
+    alone = generate(model, [a, b], max_new_tokens=6, pad_id=cfg.pad_id)
+    prefilled, body = [], model.body
+
+    def spy(tokens, *args, **kwargs):
+        prefilled.append(tokens.shape)
+        return body(tokens, *args, **kwargs)
+
+    model.body = spy
+    shared = generate(model, [a, b, a, a], max_new_tokens=6, pad_id=cfg.pad_id)
+    assert prefilled[0] == (2, 4) and all(shape[0] == 4 for shape in prefilled[1:])
+    for row, source in zip(range(4), (0, 1, 0, 0)):
+        assert shared.tokens[row].tolist() == alone.tokens[source].tolist()
+        torch.testing.assert_close(shared.logprobs[row], alone.logprobs[source],
+                                   atol=1e-12, rtol=0)
+
+
 def test_generate_stops_per_sequence():
     cfg = preset("debug")
     model = Transformer(cfg).init_weights(seed=2).eval()
