@@ -306,7 +306,8 @@ def test_packed_decoding_matches_the_plain_model(monkeypatch):
     """minirm.packed: both decoding layouts (fused projections, oneDNN-packed or stored
     transposed for torch's BLAS) give the plain model's logits, in prefill and cached decode,
     tied and untied heads; a weight update is seen at the next call (the packed copy is
-    rebuilt), and toy-sized models are left unpacked. Unforced, the layout is timed once and remembered."""
+    rebuilt), and toy-sized models are left unpacked. Unforced, the layout is timed once and
+    remembered, with never two copies of the weights alive while choosing."""
     from minirm import packed
 
     assert not packed.can_pack(Transformer(preset("toy")))
