@@ -360,6 +360,29 @@ def test_packed_decoding_matches_the_plain_model(monkeypatch):
         assert packed.layout_in_use(model) == chosen
 
 
+def test_packed_choice_times_a_close_call_twice(monkeypatch):
+    """packed.choose: one round of timings when a layout leads by CLEAR_LEAD, a second when
+    the two are close, keeping each layout's fastest; the faster layout is chosen."""
+    from minirm import packed
+
+    cfg = preset("debug", dim=384, ffn_dim=512, n_heads=6, n_kv_heads=2)
+    model = Transformer(cfg).init_weights(seed=0).eval()
+    monkeypatch.delenv("MINIRM_CPU_MATMUL", raising=False)
+    for timings, rounds, chosen in (({"onednn": [2.0], "blas": [1.0]}, 1, "blas"),
+                                    ({"onednn": [1.0, 0.7], "blas": [1.05, 0.9]}, 2, "onednn")):
+        calls = []
+
+        def timed(model, weights, rows, steps=5):
+            name = "onednn" if isinstance(weights[1], packed.PackedLinear) else "blas"
+            calls.append(name)
+            return timings[name][sum(c == name for c in calls) - 1]
+
+        monkeypatch.setattr(packed, "_CHOSEN", {})
+        monkeypatch.setattr(packed, "_fastest_step", timed)
+        assert packed.choose(model, 2, {}) == chosen
+        assert len(calls) == rounds * len(packed.LAYOUTS)
+
+
 def test_sample_categorical_follows_the_distribution():
     """Inverse-CDF sampling: frequencies match the probabilities (8,000 draws, 4 sigma), and
     entries of probability zero are never drawn."""
