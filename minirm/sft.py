@@ -31,7 +31,6 @@ conversations longer than --max-length are dropped, never cut.
 """
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,23 +95,25 @@ def token_logprobs(model, tokens, mask, grid=None, targets=None, embedded=None):
     computed from all-reduced numbers (`parallel.vocab_parallel_logprobs`). `embedded`: the
     tokens' embeddings, when the caller has them (with `targets`).
     """
-    tp = grid is not None and grid.tp_size > 1
-    if tp:
-        from minirm.parallel import local_logits, vocab_parallel_logprobs
-    with local_logits(model) if tp else nullcontext():
-        if targets is None:
-            logits, wanted = model(tokens, mask)[:, :-1], tokens[:, 1:]
-        else:
-            h = model.norm(model.body(tokens, mask, embedded=embedded))[:, :-1][targets]
-            logits, wanted = model.logits_from(h), tokens[:, 1:][targets]
-    if tp:
-        logp = vocab_parallel_logprobs(logits, wanted, grid.tp_group)
-    else:
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        logp = -F.cross_entropy(logits.movedim(-1, 1), wanted, reduction="none")
     if targets is None:
-        return logp
+        return logprobs_of(model, model.norm(model.body(tokens, mask))[:, :-1], tokens[:, 1:],
+                           grid)
+    h = model.norm(model.body(tokens, mask, embedded=embedded))[:, :-1][targets]
+    logp = logprobs_of(model, h, tokens[:, 1:][targets], grid)
     return logp.new_zeros(targets.shape).masked_scatter(targets, logp)
+
+
+def logprobs_of(model, h, wanted, grid=None):
+    """log p(wanted) from final-norm hidden states h (..., dim): the output layer and the
+    log-softmax, vocabulary-parallel under tensor parallelism."""
+    if grid is not None and grid.tp_size > 1:
+        from minirm.parallel import local_logits, vocab_parallel_logprobs
+        with local_logits(model):
+            return vocab_parallel_logprobs(model.logits_from(h), wanted, grid.tp_group)
+    logits = model.logits_from(h)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), wanted.reshape(-1),
+                            reduction="none").view(wanted.shape)
 
 
 def response_mask(starts, lengths, T):
@@ -135,6 +136,56 @@ def grouped_logprobs(model, tokens, mask, targets, grid=None):
     for r, T, t, x in zip(rows, cut, parts, model.embed_together(*parts)):
         lp = token_logprobs(model, t, mask[r, :T], grid, targets[r, :T - 1], x)
         out.append(F.pad(lp, (0, tokens.shape[1] - T)))
+    return D.in_input_order(out, groups)
+
+
+def shared_prompt_logprobs(model, tokens, mask, targets, grid=None):
+    """`grouped_logprobs` of rows that continue the same prompts (REINFORCE's k samples of
+    each), with each distinct prompt run through the model once (`model.SharedPrompts`): the
+    same numbers, for the prompt's share of the work once instead of k times.
+
+    Row b's targets must be one run, its tokens from start_b to its last real token; its
+    prompt is what comes before, tokens[b, :start_b]. The distinct prompts run left-padded,
+    keeping every layer's keys and values and the last position's hidden state, which
+    predicts the first target; the responses then run right-padded after their prompt's keys
+    (in batches of similar length, as `grouped_logprobs`), and position t of a response
+    predicts target t + 1. Where no prompt repeats, or a row has no target or targets that are
+    not one run, this is `grouped_logprobs`."""
+    B, T = tokens.shape
+    if T < 2:
+        return grouped_logprobs(model, tokens, mask, targets, grid)
+    lengths = mask.sum(-1)
+    starts = targets.int().argmax(-1) + 1  # the first target's token
+    lengths, starts = lengths.tolist(), starts.tolist()
+    right_padded = torch.arange(T) < torch.tensor(lengths)[:, None]
+    if not (bool(targets.any(-1).all()) and torch.equal(mask.bool().cpu(), right_padded)
+            and torch.equal(targets.cpu(), response_mask(starts, lengths, T))):
+        return grouped_logprobs(model, tokens, mask, targets, grid)
+    seqs = tokens.tolist()
+    distinct = {}
+    rows = [distinct.setdefault(tuple(seq[:s]), len(distinct)) for seq, s in zip(seqs, starts)]
+    if len(distinct) == B:
+        return grouped_logprobs(model, tokens, mask, targets, grid)
+    from minirm.generate import left_pad
+    from minirm.model import SharedPrompts
+    device = tokens.device
+    prompt_tokens, prompt_mask = left_pad([list(p) for p in distinct], 0, device)
+    responses = [seq[s:n] for seq, s, n in zip(seqs, starts, lengths)]
+    groups = D.length_groups([len(r) for r in responses])
+    parts = [D.collate([responses[i] for i in g], 0) for g in groups]
+    embedded = model.embed_together(prompt_tokens, *(t.to(device) for t, _ in parts))
+    shared = SharedPrompts(prompt_mask)
+    # Only the prompt's last hidden state is read: the last block skips its other positions.
+    last = model.body(prompt_tokens, prompt_mask, cache=shared,
+                      read=torch.full((1,), -1, device=device), embedded=embedded[0])
+    rows = torch.tensor(rows, device=device)
+    out = []
+    for g, (t, m), x in zip(groups, parts, embedded[1:]):
+        t, m, r = t.to(device), m.to(device), rows[g]
+        h = model.body(t, m, cache=shared.continued(r), embedded=x)
+        h = model.norm(torch.cat((last[r][:, None], h[:, :-1]), 1)[m])
+        logp = logprobs_of(model, h, t[m], grid)
+        out.append(logp.new_zeros(len(g), targets.shape[1]).masked_scatter(targets[g], logp))
     return D.in_input_order(out, groups)
 
 

@@ -156,6 +156,15 @@ def _model():
             lp = sft.token_logprobs(tp, tokens, mask, grid, targets)
             torch.testing.assert_close(lp, lp_ref, **TOL)
             loss_ref, loss = loss_ref - 0.1 * lp_ref.sum(), loss - 0.1 * lp.sum()
+            # REINFORCE's samples of a prompt: rows 0 and 2 continue the same 5 tokens, which
+            # each shard runs once, keeping its own heads' keys and values.
+            same = torch.stack((tokens[1], tokens[2], torch.cat((tokens[1, :5], tokens[2, 5:]))))
+            targets = sft.response_mask([5, 5, 5], [12, 12, 12], 12)
+            lp_ref = sft.token_logprobs(ref, same, None, targets=targets)
+            lp = sft.shared_prompt_logprobs(tp, same, torch.ones(3, 12, dtype=torch.bool), targets,
+                                            grid)
+            torch.testing.assert_close(lp, lp_ref, **TOL)
+            loss_ref, loss = loss_ref - 0.1 * lp_ref.sum(), loss - 0.1 * lp.sum()
         else:  # a reward model without a language-model head
             loss_ref = loss = torch.zeros(())
         if cfg.n_outputs:

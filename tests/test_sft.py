@@ -129,6 +129,55 @@ def test_grouped_logprobs_are_each_rows_own():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_logprobs_run_each_prompt_once(checkpointing):
+    """REINFORCE's k samples of a prompt: shared_prompt_logprobs runs each distinct prompt once
+    and gives the log-probs and gradients of grouped_logprobs (float64; that test checks those
+    against each row alone), with activation checkpointing too. Rows whose prompts are all
+    distinct, or whose targets are not one run, take grouped_logprobs' own path."""
+    from minirm.config import preset
+    from minirm.data import collate
+    from minirm.model import SharedPrompts, Transformer
+
+    model = Transformer(preset("debug")).init_weights(seed=4).double()
+    model.activation_checkpointing = checkpointing
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 12, 1)]
+    rows = [0, 0, 1, 2, 1, 1, 0]  # a 1-token response, responses of 30 tokens and more
+    responses = [torch.randint(0, 256, (n,), generator=g).tolist()
+                 for n in (3, 1, 30, 7, 34, 2, 9)]
+    seqs = [prompts[r] + x for r, x in zip(rows, responses)]
+    tokens, mask = collate(seqs, 258)
+    targets = sft.response_mask([len(prompts[r]) for r in rows], list(map(len, seqs)),
+                                tokens.shape[1])
+    passes, body = [], model.body
+
+    def spy(tokens, *args, cache=None, **kwargs):
+        passes.append((tokens.shape, cache and type(cache)))
+        return body(tokens, *args, cache=cache, **kwargs)
+
+    model.body = spy
+    want = sft.grouped_logprobs(model, tokens, mask, targets)
+    w = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    g_want = torch.autograd.grad((want * w).sum(), model.parameters())
+    passes.clear()
+    got = sft.shared_prompt_logprobs(model, tokens, mask, targets)
+    assert passes[0] == ((3, 12), SharedPrompts)  # the distinct prompts, left-padded
+    assert sum(shape[0] for shape, _ in passes[1:]) == 7
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g_got = torch.autograd.grad((got * w).sum(), model.parameters())
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for keep, gap in (([1, 3, 2], False), (list(range(7)), True)):  # distinct; not one run
+        t, m, tg = tokens[keep], mask[keep], targets[keep].clone()
+        if gap:
+            tg[0, len(prompts[0])] = False
+        passes.clear()
+        got = sft.shared_prompt_logprobs(model, t, m, tg)
+        assert all(cache is None for _, cache in passes)
+        torch.testing.assert_close(got, sft.grouped_logprobs(model, t, m, tg), rtol=0, atol=0)
+
+
 def write_chats(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
