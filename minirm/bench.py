@@ -1,6 +1,7 @@
 """Benchmarks: minirm beside Hugging Face `transformers`, and both beside the machine's limits.
 
-    python -m minirm.bench [--cases train,score,generate,attention] [--repeats 5] [--json PATH]
+    python -m minirm.bench [--cases train,score,reinforce,generate,attention] [--repeats 5]
+        [--json PATH]
     python -m minirm.bench --device cuda [--cases gpu-train,gpu-decode] --json PATH
 
 Every case runs minirm and its `transformers` equivalent in this one process, at the same shapes,
@@ -25,6 +26,13 @@ Cases, on the `smollm2-135m` shape (`--quick`: the `debug` preset and tiny sizes
 - `score`: rewards of 32 sequences of 32..256 tokens in batches of 16 under inference mode.
   minirm sorts them by length (`scoring.score_sequences`); transformers gets right-padded batches
   in input order, as a pipeline does. Sequences/s.
+- `reinforce`: the log-prob work of a REINFORCE rollout batch (`minirm.reinforce`): 4 prompts
+  with the lengths of `train` real lengths' prompts, 4 sampled responses of 3..79 tokens each
+  (random ids), the policy's and the reference's log-probs without gradients, then the policy
+  loss forward and backward. minirm runs each prompt once for its samples
+  (`sft.shared_prompt_logprobs`); transformers gets TRL's layout (prompts left-padded, each
+  response right after them) and computes logits at the responses' positions only
+  (`logits_to_keep`). Samples/s; the two agree on the log-probs.
 - `generate`: 64 new tokens sampled at temperature 1 (no top-k / top-p, no stop id) after a
   32-token prompt (batch 1) or 8 left-padded prompts of 24..40 tokens, against
   `generate(do_sample=True)`. New tokens/s, prefill included. minirm decodes through
@@ -75,7 +83,7 @@ import torch
 from minirm.cliargs import opt
 from minirm.errors import UserError, cli
 
-CPU_CASES = ("train", "score", "generate", "attention")
+CPU_CASES = ("train", "score", "reinforce", "generate", "attention")
 GPU_CASES = ("gpu-train", "gpu-decode")
 CASES = CPU_CASES + GPU_CASES
 
@@ -105,6 +113,9 @@ class Shapes:
     # the median over all batches (79%).
     train_real: tuple = ((40, 22, 79), (57, 35, 62), (46, 3, 75), (46, 78, 11))
     score: tuple = (32, 32, 256, 16)      # sequences, shortest, longest, batch size
+    # REINFORCE's log-prob passes: prompt lengths (those of train_real), samples per prompt,
+    # and the range of response lengths (that of train_real's answers).
+    reinforce: tuple = ((40, 57, 46, 46), 4, (3, 79))
     prompt: int = 32                      # generation prompt tokens (batch 1; batch 8 varies)
     new_tokens: int = 64
     gen_batches: tuple = (1, 8)
@@ -122,7 +133,7 @@ class Shapes:
 
 FULL = Shapes("smollm2-135m")
 QUICK = Shapes("debug", train=(2, 16), train_prompt=5, train_real=((3, 2, 9), (5, 1, 1)),
-               score=(4, 4, 16, 2), prompt=4, new_tokens=4, gen_batches=(1, 2), heads=(4, 2, 8),
+               score=(4, 4, 16, 2), reinforce=((5, 3), 2, (1, 4)), prompt=4, new_tokens=4, gen_batches=(1, 2), heads=(4, 2, 8),
                attn_lens=(32, 64), matmul_n=128, matvec_n=256, gpu_train_preset="debug",
                gpu_train=(2, 16), gpu_decode_preset="debug", gpu_matmul_n=128, gpu_matvec_n=256)
 
@@ -397,6 +408,73 @@ def case_score(sh, tf, limits, repeats):
     return [row("score", "sequences/s", n / t_ours, t_theirs and n / t_theirs, None, note)]
 
 
+def case_reinforce(sh, tf, limits, repeats):
+    from minirm.config import preset
+    from minirm.data import collate
+    from minirm.generate import left_pad
+    from minirm.model import Transformer
+    from minirm.reinforce import policy_loss
+    from minirm.sft import response_mask, shared_prompt_logprobs
+
+    cfg = preset(sh.preset)
+    prompt_lengths, k, (lo, hi) = sh.reinforce
+    gen = torch.Generator().manual_seed(3)
+    prompts = [random_tokens(cfg, 1, n, gen)[0].tolist() for n in prompt_lengths]
+    prompts = [p for p in prompts for _ in range(k)]  # the k samples of a prompt, adjacent
+    responses = [random_tokens(cfg, 1, n, gen)[0].tolist()
+                 for n in torch.randint(lo, hi + 1, (len(prompts),), generator=gen).tolist()]
+    n = len(prompts)
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    tokens, mask = collate(seqs, cfg.pad_id)  # as a rollout holds them (`Reinforce.rollout`)
+    targets = response_mask(list(map(len, prompts)), list(map(len, seqs)), tokens.shape[1])
+    advantage = torch.randn(n, generator=gen)
+    model = Transformer(cfg).init_weights(seed=0).train()
+
+    def passes(model, logprobs, response):
+        """A rollout batch's three passes: the policy's and the reference's log-probs (the
+        same weights here), then the policy's loss, forward and backward."""
+        with torch.no_grad():
+            logprobs(), logprobs()
+        policy_loss(logprobs(), response, advantage).backward()
+        model.zero_grad(set_to_none=True)
+
+    def ours_logprobs():
+        return shared_prompt_logprobs(model, tokens, mask, targets)
+
+    def ours():
+        passes(model, ours_logprobs, targets)
+
+    theirs = None
+    note = (f"{len(prompt_lengths)} prompts of {min(prompt_lengths)}..{max(prompt_lengths)} "
+            f"tokens x {k} samples of {lo}..{hi}: two log-prob passes and a forward + backward; "
+            f"minirm computes each prompt once")
+    if tf:
+        hf = hf_twin(tf, model, "LlamaForCausalLM").train()
+        # TRL's layout: the prompts left-padded, each row's response right after, and the
+        # logits of the responses' positions only (`logits_to_keep`).
+        q, q_mask = left_pad(prompts, cfg.pad_id)
+        r, r_mask = collate(responses, cfg.pad_id)
+        ids, ids_mask = torch.cat((q, r), 1), torch.cat((q_mask, r_mask), 1)
+        positions = (ids_mask.long().cumsum(1) - 1).clamp(min=0)
+
+        def theirs_logprobs():
+            logits = hf(input_ids=ids, attention_mask=ids_mask, position_ids=positions,
+                        logits_to_keep=r.shape[1] + 1).logits[:, :-1]
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, r[..., None])[..., 0]
+            return logp * r_mask
+
+        def theirs():
+            passes(hf, theirs_logprobs, r_mask)
+
+        with torch.no_grad():
+            same = torch.allclose(ours_logprobs()[targets], theirs_logprobs()[r_mask],
+                                  rtol=1e-3, atol=1e-3)
+        note += "; log-probs agree" if same else "; LOG-PROBS DIFFER from transformers"
+    t_ours, t_theirs = timed(ours, theirs, repeats)
+    return [row("reinforce log-probs", "samples/s", n / t_ours, t_theirs and n / t_theirs,
+                None, note)]
+
+
 def case_generate(sh, tf, limits, repeats):
     from minirm.config import preset
     from minirm.generate import generate, left_pad
@@ -589,7 +667,8 @@ def case_gpu_decode(sh, tf, limits, repeats, device):
                 weight_bytes * tps[0] / bw, note)]
 
 
-RUNNERS = {"train": case_train, "score": case_score, "generate": case_generate,
+RUNNERS = {"train": case_train, "score": case_score, "reinforce": case_reinforce,
+           "generate": case_generate,
            "attention": case_attention, "gpu-train": case_gpu_train,
            "gpu-decode": case_gpu_decode}
 
