@@ -615,26 +615,43 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return min(n, len(a) - 1, len(b) - 1)
 
 
+def collate_shared(seqs: list[list[int]], rows: list[int], pad_id: int):
+    """Sequences of which those with the same entry of `rows` continue one prompt (a pair's
+    chosen and rejected answers, a REINFORCE prompt's k samples), as a batch whose prompts
+    are computed once (`Transformer.reward(tokens, mask, prompts)`): the continuations after
+    their group's common prefix (N, Lt), in input order, right-padded, with their mask, and
+    `prompts` = (the prefixes (G, Lp) left-padded, their mask, `rows` as a tensor). Groups
+    are numbered 0..G-1; a group whose sequences share nothing, or of one sequence, gets an
+    empty, fully padded prefix."""
+    if not all(seqs):
+        raise ValueError("collate_shared needs a token in every sequence")
+    members = {}
+    for seq, r in zip(seqs, rows):
+        members.setdefault(r, []).append(seq)
+    if sorted(members) != list(range(len(members))):
+        raise ValueError("collate_shared: rows must number the groups 0, 1, ...")
+    cut = [0] * len(members)
+    for r, group in members.items():
+        if len(group) > 1:
+            cut[r] = min(shared_prefix(group[0], other) for other in group[1:])
+    tokens, mask = collate([seq[cut[r]:] for seq, r in zip(seqs, rows)], pad_id)
+    width = max(cut)
+    prefix = torch.full((len(members), width), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros(prefix.shape, dtype=torch.bool)
+    for r, n in enumerate(cut):
+        if n:
+            prefix[r, width - n:] = torch.tensor(members[r][0][:n], dtype=torch.long)
+            prefix_mask[r, width - n:] = True
+    return tokens, mask, (prefix, prefix_mask, torch.tensor(rows, dtype=torch.long))
+
+
 def collate_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int):
-    """Preference pairs [(chosen ids, rejected ids)] as a batch whose shared prompts are
-    computed once (`Transformer.reward(tokens, mask, prompts)`): the continuations after each
-    pair's shared prefix (2P, Lt), chosen rows first, right-padded, with their mask, and
-    `prompts` = (the prefixes (P, Lp) left-padded, their mask, the prefix row of each
-    continuation). A pair whose sequences share nothing gets an empty, fully padded prefix."""
+    """`collate_shared` of preference pairs [(chosen ids, rejected ids)]: the P chosen rows
+    first, then the P rejected ones; pair i is group i."""
     if not all(c and r for c, r in pairs):
         raise ValueError("collate_pairs needs a token in every sequence")
-    cut = [shared_prefix(c, r) for c, r in pairs]
-    tokens, mask = collate([c[n:] for (c, _), n in zip(pairs, cut)]
-                           + [r[n:] for (_, r), n in zip(pairs, cut)], pad_id)
-    width = max(cut)
-    prefix = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    prefix_mask = torch.zeros(prefix.shape, dtype=torch.bool)
-    for i, ((c, _), n) in enumerate(zip(pairs, cut)):
-        if n:
-            prefix[i, width - n:] = torch.tensor(c[:n], dtype=torch.long)
-            prefix_mask[i, width - n:] = True
-    rows = torch.arange(len(pairs)).repeat(2)
-    return tokens, mask, (prefix, prefix_mask, rows)
+    return collate_shared([c for c, _ in pairs] + [r for _, r in pairs],
+                          list(range(len(pairs))) * 2, pad_id)
 
 
 def batches(lengths: list[int], batch_size: int, seed: int, epoch: int, shuffle=True,

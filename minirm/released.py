@@ -44,16 +44,17 @@ def _row0(model):
 
 
 def token0_reward(model):
-    """A `reward_fn(tokens, mask) -> (B, 1)` for score_sequences: the logit of token 0 at the
-    last real token (METHOD.md 9), in float32.
+    """A `reward_fn(tokens, mask, prompts=None) -> (B, 1)` for score_sequences: the logit of
+    token 0 at the last real token (METHOD.md 9), in float32; `prompts` as for
+    `Transformer.last_hidden`.
 
     Only row 0 of the logits is computed (a dot product), which equals
     `model(tokens, mask)[b, last, 0]` without the (B, T, vocab) logits.
     """
     _row0(model)  # fail now, not in the middle of a data set
 
-    def reward_fn(tokens, mask=None):
-        h_last = model.last_hidden(tokens, mask)
+    def reward_fn(tokens, mask=None, prompts=None):
+        h_last = model.last_hidden(tokens, mask, prompts)
         return (h_last.float() @ _row0(model).float())[:, None]
 
     return reward_fn

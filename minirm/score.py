@@ -113,9 +113,11 @@ class RewardReader:
         return score_pairs(self.model, encoded, self.tokenizer.pad_id, self.batch_size,
                            self.weights, self.reward_index, progress, self.reward_fn)
 
-    def rewards(self, seqs, progress=False):
+    def rewards(self, seqs, progress=False, group=1):
+        """Rewards (N,) of token-id lists; `group` = k: runs of k sequences share a prompt,
+        computed once (`scoring.score_sequences`)."""
         out = score_sequences(self.model, seqs, self.tokenizer.pad_id, self.batch_size,
-                              progress, reward_fn=self.reward_fn)
+                              progress, reward_fn=self.reward_fn, group=group)
         return reduce_outputs(out, self.weights, self.reward_index)
 
 

@@ -114,8 +114,9 @@ class RecordingReader:
     def __init__(self, tokenizer):
         self.tokenizer, self.max_length, self.seen = tokenizer, 256, []
 
-    def rewards(self, seqs):
+    def rewards(self, seqs, group=1):
         self.seen += seqs
+        self.group = group  # runs of `group` sequences share a prompt
         return torch.tensor([float(97 <= s[-2] <= 122) for s in seqs])
 
 
@@ -144,6 +145,7 @@ def test_generated_ids_are_scored_as_they_are_with_the_same_tokenizer():
     ro = rl.rollout(prompts)
     for seq, row, m in zip(reader.seen, ro.tokens, ro.mask):
         assert seq == row[m].tolist()  # prompt ids + generated ids, the stop id included
+    assert reader.group == 2  # the k = 2 samples of the prompt, one after the other
 
 
 def test_response_is_re_encoded_for_another_chat_format():

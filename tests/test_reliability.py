@@ -1106,6 +1106,56 @@ def test_rewards_do_not_depend_on_batch_size_or_order(rm):
     torch.testing.assert_close(shuffled, want[order], atol=1e-5, rtol=0)
 
 
+def test_samples_of_one_prompt_share_it_and_keep_their_rewards(rm):
+    """score_sequences(group=k), as a REINFORCE rollout is scored: runs of k sequences continue
+    one prompt, computed once per batch where that saves positions. Every sequence gets the
+    reward it gets alone (the head's, and a language model's token-0 logit), at any batch
+    size; a batch of long prompts takes the shared layout, one of long answers does not."""
+    gen = random.Random(2)
+
+    def ids(n):
+        return [gen.randrange(256) for _ in range(n)]
+
+    seqs = []
+    for prompt, longest in ((30, 3), (25, 5), (2, 40), (40, 1), (1, 30)):
+        p = ids(prompt)
+        seqs += [p + ids(gen.randrange(1, longest + 1)) for _ in range(3)]
+    lm, _ = load_model("debug", seed=1)
+    for model, fn in ((rm, None), (lm, token0_reward(lm))):
+        alone = torch.stack([score_sequences(model, [s], 258, reward_fn=fn)[0] for s in seqs])
+        calls, reward = [], fn or model.reward
+
+        def spy(tokens, mask, prompts=None):
+            calls.append(prompts is not None)
+            return reward(tokens, mask, prompts=prompts)
+
+        for batch_size in (3, 7, 32):
+            calls.clear()
+            got = score_sequences(model, seqs, 258, batch_size, reward_fn=spy, group=3)
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+            if batch_size == 3:  # one group a batch: the three with long prompts share
+                assert len(calls) == 5 and calls.count(True) == 3
+    with pytest.raises(ValueError, match="a token in every sequence"):
+        D.collate_shared([[1, 2], []], [0, 0], 0)
+
+
+def test_batch_plans_by_hand():
+    """Runs of k sequences share their prompt when that computes fewer positions in all."""
+    from minirm.scoring import plan_batches
+
+    p, q = list(range(10, 20)), list(range(20, 30))
+    seqs = [p + [1], p + [2], q + [3], q + [4]]
+    # Plain: 4 x 11 = 44 positions; shared: 2 prompts x 10 + 4 x 1 = 24.
+    assert plan_batches(seqs, 4, group=2) == [([0, 1, 2, 3], True)]
+    assert plan_batches(seqs, 4) == [([0, 1, 2, 3], False)]
+    # Answers of 30 and 2 tokens after a 1-token prompt: a run as one batch computes 1 + 2 x 30
+    # (sharing saves under 10% of 62), twice; sorted one by one, 2 x 3 + 2 x 31 = 68.
+    long, short = list(range(30)), [1, 2]
+    seqs = [[5] + long, [5] + short, [6] + short, [6] + long]
+    assert plan_batches(seqs, 2, group=2) == [([1, 2], False), ([0, 3], False)]
+    assert plan_batches(seqs[:3], 2, group=2) == plan_batches(seqs[:3], 2)  # not whole runs
+
+
 def test_pair_rewards_are_those_of_each_sequence_alone(rm):
     """score_pairs gives chosen and rejected the rewards they get alone, in any batch size, with
     the weighted or indexed reward, and with the token-0 reward of a language model."""
