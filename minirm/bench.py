@@ -133,9 +133,10 @@ class Shapes:
 
 FULL = Shapes("smollm2-135m")
 QUICK = Shapes("debug", train=(2, 16), train_prompt=5, train_real=((3, 2, 9), (5, 1, 1)),
-               score=(4, 4, 16, 2), reinforce=((5, 3), 2, (1, 4)), prompt=4, new_tokens=4, gen_batches=(1, 2), heads=(4, 2, 8),
-               attn_lens=(32, 64), matmul_n=128, matvec_n=256, gpu_train_preset="debug",
-               gpu_train=(2, 16), gpu_decode_preset="debug", gpu_matmul_n=128, gpu_matvec_n=256)
+               score=(4, 4, 16, 2), reinforce=((9, 7), 2, (1, 4)), prompt=4, new_tokens=4,
+               gen_batches=(1, 2), heads=(4, 2, 8), attn_lens=(32, 64), matmul_n=128,
+               matvec_n=256, gpu_train_preset="debug", gpu_train=(2, 16),
+               gpu_decode_preset="debug", gpu_matmul_n=128, gpu_matvec_n=256)
 
 
 @dataclass
@@ -459,7 +460,7 @@ def case_reinforce(sh, tf, limits, repeats):
 
         def theirs_logprobs():
             logits = hf(input_ids=ids, attention_mask=ids_mask, position_ids=positions,
-                        logits_to_keep=r.shape[1] + 1).logits[:, :-1]
+                        logits_to_keep=r.shape[1] + 1).logits[:, -r.shape[1] - 1:-1]
             logp = torch.log_softmax(logits.float(), -1).gather(-1, r[..., None])[..., 0]
             return logp * r_mask
 

@@ -39,7 +39,8 @@ def score_sequences(model, seqs, pad_id, batch_size=16, progress=False, desc="sc
 
     With `group` = k > 1, each run of k consecutive sequences continues one prompt (a pair's
     two answers, a REINFORCE prompt's k samples), which may then be computed once per batch
-    (`plan_batches`). `reward_fn(tokens, mask, prompts=None)` replaces `model.reward`."""
+    (`plan_batches`). `reward_fn(tokens, mask)` replaces `model.reward`; it is passed
+    `prompts=` as well for the batches that share them (as `model.reward` takes them)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -57,7 +58,9 @@ def score_sequences(model, seqs, pad_id, batch_size=16, progress=False, desc="sc
             prompts = tuple(t.to(device) for t in prompts)
         else:
             (tokens, mask), prompts = collate(batch, pad_id), None
-        rewards = reward_fn(tokens.to(device), mask.to(device), prompts=prompts).float().cpu()
+        # prompts= only when there are some: a caller's reward_fn(tokens, mask) still works.
+        kwargs = {} if prompts is None else {"prompts": prompts}
+        rewards = reward_fn(tokens.to(device), mask.to(device), **kwargs).float().cpu()
         for i, r in zip(idx, rewards):
             out[i] = r
     model.train(was_training)
@@ -82,12 +85,12 @@ def plan_batches(seqs, batch_size, group=1):
     order = sorted(range(len(seqs)), key=lengths.__getitem__)
     plain = [(order[i:i + batch_size], False) for i in range(0, len(order), batch_size)]
     k = group
-    if k < 2 or len(seqs) % k:
+    if k < 2 or len(seqs) % k or batch_size < k:  # whole runs would exceed batch_size
         return plain
     runs = [list(range(i, i + k)) for i in range(0, len(seqs), k)]
     cut = [min(shared_prefix(seqs[r[0]], seqs[j]) for j in r[1:]) for r in runs]
     runs.sort(key=lambda r: max(lengths[i] for i in r))
-    per_batch = max(1, batch_size // k)
+    per_batch = batch_size // k
     plan, total = [], 0
     for i in range(0, len(runs), per_batch):
         idx = sum(runs[i:i + per_batch], [])

@@ -144,19 +144,20 @@ def shared_prompt_logprobs(model, tokens, mask, targets, grid=None):
     each), with each distinct prompt run through the model once (`model.SharedPrompts`): the
     same numbers, for the prompt's share of the work once instead of k times.
 
-    Row b's targets must be one run, its tokens from start_b to its last real token; its
-    prompt is what comes before, tokens[b, :start_b]. The distinct prompts run left-padded,
-    keeping every layer's keys and values and the last position's hidden state, which
-    predicts the first target; the responses then run right-padded after their prompt's keys
-    (in batches of similar length, as `grouped_logprobs`), and position t of a response
-    predicts target t + 1. Where no prompt repeats, or a row has no target or targets that are
-    not one run, this is `grouped_logprobs`."""
+    Rows are right-padded, and row b's targets are one run, its tokens from start_b to its
+    last real token; its prompt is what comes before, tokens[b, :start_b]. The distinct
+    prompts run left-padded, keeping every layer's keys and values and the last position's
+    hidden state, which predicts the first target; the responses then run right-padded after
+    their prompt's keys (in batches of similar length, as `grouped_logprobs`), and position t
+    of a response predicts target t + 1. Where the rows are not laid out so, where no prompt
+    repeats, or where this would not compute `data.MIN_GAIN` fewer positions than
+    `grouped_logprobs` (a long prompt that only one row continues pads all the others), this
+    is `grouped_logprobs`."""
     B, T = tokens.shape
     if T < 2:
         return grouped_logprobs(model, tokens, mask, targets, grid)
-    lengths = mask.sum(-1)
-    starts = targets.int().argmax(-1) + 1  # the first target's token
-    lengths, starts = lengths.tolist(), starts.tolist()
+    lengths = mask.sum(-1).tolist()
+    starts = (targets.int().argmax(-1) + 1).tolist()  # the first target's token
     right_padded = torch.arange(T) < torch.tensor(lengths)[:, None]
     if not (bool(targets.any(-1).all()) and torch.equal(mask.bool().cpu(), right_padded)
             and torch.equal(targets.cpu(), response_mask(starts, lengths, T))):
@@ -164,25 +165,29 @@ def shared_prompt_logprobs(model, tokens, mask, targets, grid=None):
     seqs = tokens.tolist()
     distinct = {}
     rows = [distinct.setdefault(tuple(seq[:s]), len(distinct)) for seq, s in zip(seqs, starts)]
-    if len(distinct) == B:
+    responses = [seq[s:n] for seq, s, n in zip(seqs, starts, lengths)]
+    groups = D.length_groups([len(r) for r in responses])
+    whole = sum(len(g) * max(lengths[i] for i in g) for g in D.length_groups(lengths))
+    shared = (len(distinct) * max(map(len, distinct))
+              + sum(len(g) * max(len(responses[i]) for i in g) for g in groups))
+    if len(distinct) == B or shared > (1 - D.MIN_GAIN) * whole:
         return grouped_logprobs(model, tokens, mask, targets, grid)
     from minirm.generate import left_pad
     from minirm.model import SharedPrompts
     device = tokens.device
     prompt_tokens, prompt_mask = left_pad([list(p) for p in distinct], 0, device)
-    responses = [seq[s:n] for seq, s, n in zip(seqs, starts, lengths)]
-    groups = D.length_groups([len(r) for r in responses])
-    parts = [D.collate([responses[i] for i in g], 0) for g in groups]
-    embedded = model.embed_together(prompt_tokens, *(t.to(device) for t, _ in parts))
-    shared = SharedPrompts(prompt_mask)
+    parts = [tuple(x.to(device) for x in D.collate([responses[i] for i in g], 0))
+             for g in groups]
+    embedded = model.embed_together(prompt_tokens, *(t for t, _ in parts))
+    cache = SharedPrompts(prompt_mask)
     # Only the prompt's last hidden state is read: the last block skips its other positions.
-    last = model.body(prompt_tokens, prompt_mask, cache=shared,
+    last = model.body(prompt_tokens, prompt_mask, cache=cache,
                       read=torch.full((1,), -1, device=device), embedded=embedded[0])
     rows = torch.tensor(rows, device=device)
     out = []
     for g, (t, m), x in zip(groups, parts, embedded[1:]):
-        t, m, r = t.to(device), m.to(device), rows[g]
-        h = model.body(t, m, cache=shared.continued(r), embedded=x)
+        r = rows[g]
+        h = model.body(t, m, cache=cache.continued(r), embedded=x)
         h = model.norm(torch.cat((last[r][:, None], h[:, :-1]), 1)[m])
         logp = logprobs_of(model, h, t[m], grid)
         out.append(logp.new_zeros(len(g), targets.shape[1]).masked_scatter(targets[g], logp))

@@ -46,6 +46,10 @@ def test_numbers_are_positive(quick):
             assert case["fraction_of_limit"] > 0, case
     fractions = {c["name"]: c["fraction_of_limit"] for c in quick["cases"]}
     assert fractions["train"] and fractions["generate batch 1"]
+    if has_hf:  # the two libraries computed the same numbers
+        notes = {c["name"]: c["note"] for c in quick["cases"]}
+        assert "rewards agree" in notes["score"]
+        assert "log-probs agree" in notes["reinforce log-probs"]
 
 
 def test_without_transformers_the_column_is_empty(monkeypatch, tmp_path):

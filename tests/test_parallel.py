@@ -156,13 +156,24 @@ def _model():
             lp = sft.token_logprobs(tp, tokens, mask, grid, targets)
             torch.testing.assert_close(lp, lp_ref, **TOL)
             loss_ref, loss = loss_ref - 0.1 * lp_ref.sum(), loss - 0.1 * lp.sum()
-            # REINFORCE's samples of a prompt: rows 0 and 2 continue the same 5 tokens, which
-            # each shard runs once, keeping its own heads' keys and values.
-            same = torch.stack((tokens[1], tokens[2], torch.cat((tokens[1, :5], tokens[2, 5:]))))
-            targets = sft.response_mask([5, 5, 5], [12, 12, 12], 12)
-            lp_ref = sft.token_logprobs(ref, same, None, targets=targets)
-            lp = sft.shared_prompt_logprobs(tp, same, torch.ones(3, 12, dtype=torch.bool), targets,
-                                            grid)
+            # REINFORCE's samples of a prompt: rows 0 and 2 continue the same 8 tokens, which
+            # each shard runs once, keeping its own heads' keys and values; rows of 12, 11 and
+            # 10 tokens, right-padded.
+            same = torch.stack((tokens[1], tokens[2], torch.cat((tokens[1, :8], tokens[2, 8:]))))
+            lengths = [12, 11, 10]
+            same_mask = torch.arange(12) < torch.tensor(lengths)[:, None]
+            targets = sft.response_mask([8, 8, 8], lengths, 12)
+            lp_ref = sft.token_logprobs(ref, same, same_mask, targets=targets)
+            caches, body = [], tp.body
+
+            def spy(*args, cache=None, **kwargs):
+                caches.append(type(cache).__name__)
+                return body(*args, cache=cache, **kwargs)
+
+            tp.body = spy
+            lp = sft.shared_prompt_logprobs(tp, same, same_mask, targets, grid)
+            del tp.body
+            assert caches[0] == "SharedPrompts" and "_Continued" in caches  # not a fallback
             torch.testing.assert_close(lp, lp_ref, **TOL)
             loss_ref, loss = loss_ref - 0.1 * lp_ref.sum(), loss - 0.1 * lp.sum()
         else:  # a reward model without a language-model head

@@ -1154,6 +1154,7 @@ def test_batch_plans_by_hand():
     seqs = [[5] + long, [5] + short, [6] + short, [6] + long]
     assert plan_batches(seqs, 2, group=2) == [([1, 2], False), ([0, 3], False)]
     assert plan_batches(seqs[:3], 2, group=2) == plan_batches(seqs[:3], 2)  # not whole runs
+    assert plan_batches(seqs, 1, group=2) == plan_batches(seqs, 1)  # a run exceeds a batch
 
 
 def test_pair_rewards_are_those_of_each_sequence_alone(rm):

@@ -142,7 +142,7 @@ def test_shared_prompt_logprobs_run_each_prompt_once(checkpointing):
     model = Transformer(preset("debug")).init_weights(seed=4).double()
     model.activation_checkpointing = checkpointing
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 12, 1)]
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (15, 22, 1)]
     rows = [0, 0, 1, 2, 1, 1, 0]  # a 1-token response, responses of 30 tokens and more
     responses = [torch.randint(0, 256, (n,), generator=g).tolist()
                  for n in (3, 1, 30, 7, 34, 2, 9)]
@@ -162,16 +162,25 @@ def test_shared_prompt_logprobs_run_each_prompt_once(checkpointing):
     g_want = torch.autograd.grad((want * w).sum(), model.parameters())
     passes.clear()
     got = sft.shared_prompt_logprobs(model, tokens, mask, targets)
-    assert passes[0] == ((3, 12), SharedPrompts)  # the distinct prompts, left-padded
+    assert passes[0] == ((3, 22), SharedPrompts)  # the distinct prompts, left-padded
     assert sum(shape[0] for shape, _ in passes[1:]) == 7
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     g_got = torch.autograd.grad((got * w).sum(), model.parameters())
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    for keep, gap in (([1, 3, 2], False), (list(range(7)), True)):  # distinct; not one run
+    # Distinct prompts; a gap in row 0's targets; row 0's targets stopping before its end;
+    # row 0 left-padded.
+    for keep, case in (([1, 3, 2], None), (list(range(7)), "gap"), (list(range(7)), "short"),
+                       (list(range(7)), "left")):
         t, m, tg = tokens[keep], mask[keep], targets[keep].clone()
-        if gap:
+        n = len(seqs[0])
+        if case == "gap":
             tg[0, len(prompts[0])] = False
+        elif case == "short":
+            tg[0, n - 2] = False
+        elif case == "left":  # row 0 moved to the right end of its row, targets with it
+            shift = t.shape[1] - n
+            t[0], m[0], tg[0] = t[0].roll(shift), m[0].roll(shift), tg[0].roll(shift)
         passes.clear()
         got = sft.shared_prompt_logprobs(model, t, m, tg)
         assert all(cache is None for _, cache in passes)
