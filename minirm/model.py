@@ -211,9 +211,13 @@ class KVCache(nn.Module):
 
     def rows(self, rows):
         """A cache whose row b is a copy of this cache's row rows[b] (a prompt prefilled once
-        for several samples)."""
+        for several samples; the rows still decoding). Only the filled slots are copied: the
+        others are written before they are read."""
         out = KVCache(self.n_layers, len(rows), self.max_len)
-        out.k, out.v = self.k[:, rows], self.v[:, rows]
+        shape = (self.n_layers, len(rows), *self.k.shape[2:])
+        out.k, out.v = self.k.new_empty(shape), self.v.new_empty(shape)
+        out.k[:, :, :, :self.pos] = self.k[:, rows, :, :self.pos]
+        out.v[:, :, :, :self.pos] = self.v[:, rows, :, :self.pos]
         out.mask, out.lengths, out.pos = self.mask[rows], self.lengths[rows], self.pos
         return out
 

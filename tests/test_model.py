@@ -287,6 +287,39 @@ def test_generate_stops_per_sequence():
     assert bool(out.ended[1]) == row1_stops
 
 
+def test_ended_rows_leave_the_batch_and_the_samples_stay(monkeypatch):
+    """Rows that ended leave the decoding batch (`generate.DROP_ENDED`). Sampling draws one
+    number per output row every step, so in float64 every row's tokens and log-probs are those
+    of a run in which no row leaves; the batch did shrink."""
+    import minirm.generate as G
+
+    cfg = preset("debug")
+    model = Transformer(cfg).init_weights(seed=2).double().eval()
+    prompts = [[256, 5, 6, 7], [256, 9], [256, 1, 2], [256, 40, 41, 42, 43], [256, 7]]
+    stop = set(range(0, 259, 6))  # a sixth of the ids end a row: rows end at unlike steps
+    rows, body = [], model.body
+
+    def spy(tokens, *args, **kwargs):
+        rows.append(tokens.shape[0])
+        return body(tokens, *args, **kwargs)
+
+    def run():
+        rows.clear()
+        return generate(model, prompts, 16, temperature=1.0, stop_ids=stop, pad_id=cfg.pad_id,
+                        generator=torch.Generator().manual_seed(3))
+
+    model.body = spy
+    shrunk, shrunk_rows = run(), list(rows)
+    monkeypatch.setattr(G, "DROP_ENDED", 2.0)  # never
+    whole = run()
+    assert rows[1:] == [5] * (len(rows) - 1) and shrunk_rows[-1] < 5
+    assert torch.equal(shrunk.tokens, whole.tokens) and torch.equal(shrunk.mask, whole.mask)
+    assert torch.equal(shrunk.ended, whole.ended)
+    torch.testing.assert_close(shrunk.logprobs, whole.logprobs, atol=1e-12, rtol=0)
+    lengths = shrunk.mask.sum(-1).tolist()
+    assert len(set(lengths)) > 2 and max(lengths) > min(lengths) + 3, lengths
+
+
 def test_sampling_logprobs_are_those_of_the_filtered_distribution():
     from minirm.generate import sample_next
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
