@@ -5,9 +5,10 @@ cache slot each step; the attention mask keeps padding out and positions per row
 stops at any of the stop ids. Rows that stopped leave the batch once they are a quarter of it
 (`DROP_ENDED`: their cache rows are dropped, and the others copied into a smaller cache); until
 then they decode padding, which nothing reads. Sampling draws one random number per row of the
-whole batch each step, ended rows included, so the tokens drawn do not depend on when rows
-leave. A prompt given several times (REINFORCE's k samples of each) is prefilled once and its
-cache copied to each of its rows.
+whole batch each step, ended rows included, so every row draws the same numbers however the
+batch shrinks, and the same tokens up to rounding (a product of fewer rows may round its last
+bit differently, as in any other batch). A prompt given several times (REINFORCE's k samples
+of each) is prefilled once and its cache copied to each of its rows.
 
 `generate` returns the new tokens, their log-probabilities under the distribution they were
 sampled from (after temperature, top-k and top-p; plain log-softmax for greedy decoding) and
@@ -30,7 +31,8 @@ from minirm.packed import packed_for_decoding
 
 # Ended rows leave the decoding batch when they are at least this fraction of it: a smaller
 # batch decodes faster (on 2 CPU cores, SmolLM2's step takes ~0.2 s at 64 rows, ~0.07 s at 8),
-# and copying the cache costs about one step's attention reads.
+# and copying the cache costs about one step's attention reads. The packed weights stay those
+# chosen for the first batch size (`minirm.packed`): repacking would cost more than it saves.
 DROP_ENDED = 0.25
 
 @dataclass
@@ -152,15 +154,15 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
             u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=device)[alive]
         tok, lp = sample_next(logits, temperature, top_k, top_p, u=u)
         tok = torch.where(done, pad_id, tok)
-        live = alive[~done]
-        out[live, step], logprobs[live, step], valid[live, step] = tok[~done], lp[~done], True
+        out[alive, step], logprobs[alive, step], valid[alive, step] = tok, lp, ~done
         hit = torch.isin(tok, stop) & ~done
-        ended[alive[hit]] = True
+        ended[alive] |= hit
         done |= hit
         n = step + 1
-        if bool(done.all()) or step == max_new_tokens - 1:
+        n_done = int(done.sum())  # one sync a step
+        if n_done == len(alive) or step == max_new_tokens - 1:
             break
-        if int(done.sum()) >= DROP_ENDED * len(alive):  # the ended rows leave the batch
+        if n_done >= DROP_ENDED * len(alive):  # the ended rows leave the batch
             keep = (~done).nonzero()[:, 0]
             cache, alive, tok, done = cache.rows(keep), alive[keep], tok[keep], done[keep]
         logits = model(tok[:, None], None, cache)[:, -1]
