@@ -669,9 +669,8 @@ def case_gpu_decode(sh, tf, limits, repeats, device):
 
 
 RUNNERS = {"train": case_train, "score": case_score, "reinforce": case_reinforce,
-           "generate": case_generate,
-           "attention": case_attention, "gpu-train": case_gpu_train,
-           "gpu-decode": case_gpu_decode}
+           "generate": case_generate, "attention": case_attention,
+           "gpu-train": case_gpu_train, "gpu-decode": case_gpu_decode}
 
 
 # --------------------------------------------------------------------------------------- output

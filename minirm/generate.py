@@ -35,6 +35,7 @@ from minirm.packed import packed_for_decoding
 # chosen for the first batch size (`minirm.packed`): repacking would cost more than it saves.
 DROP_ENDED = 0.25
 
+
 @dataclass
 class Generation:
     tokens: torch.Tensor    # (B, N) new tokens; pad_id after a row ended
