@@ -592,6 +592,12 @@ def length_groups(lengths: list[int], max_groups=3, min_gain=MIN_GAIN) -> list[l
     return groups[::-1]
 
 
+def padded_positions(lengths: list[int], groups: list[list[int]]) -> int:
+    """Positions computed when each index list of `groups` is one batch padded to its longest
+    row: what the batch layouts compare."""
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+
+
 def in_input_order(parts, groups):
     """Row outputs computed batch by batch (`parts`, one tensor per index list of `groups`),
     concatenated and put back in the order of the rows' indices."""
@@ -615,6 +621,12 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return min(n, len(a) - 1, len(b) - 1)
 
 
+def common_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens all of `seqs` share (`shared_prefix`, which keeps a token of
+    each out of it); 0 for a single sequence, which has nothing to share."""
+    return min((shared_prefix(seqs[0], other) for other in seqs[1:]), default=0)
+
+
 def collate_shared(seqs: list[list[int]], rows: list[int], pad_id: int):
     """Sequences of which those with the same entry of `rows` continue one prompt (a pair's
     chosen and rejected answers, a REINFORCE prompt's k samples), as a batch whose prompts
@@ -630,10 +642,7 @@ def collate_shared(seqs: list[list[int]], rows: list[int], pad_id: int):
         members.setdefault(r, []).append(seq)
     if sorted(members) != list(range(len(members))):
         raise ValueError("collate_shared: rows must number the groups 0, 1, ...")
-    cut = [0] * len(members)
-    for r, group in members.items():
-        if len(group) > 1:
-            cut[r] = min(shared_prefix(group[0], other) for other in group[1:])
+    cut = [common_prefix(members[r]) for r in range(len(members))]
     tokens, mask = collate([seq[cut[r]:] for seq, r in zip(seqs, rows)], pad_id)
     width = max(cut)
     prefix = torch.full((len(members), width), pad_id, dtype=torch.long)

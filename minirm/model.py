@@ -396,6 +396,17 @@ class Transformer(nn.Module):
         parts = x.split([t.numel() for t in tokens])
         return [e.view(*t.shape, -1) for t, e in zip(tokens, parts)]
 
+    def run_prompts(self, tokens, mask, embedded=None):
+        """The first pass of `SharedPrompts`: prompts (P, Lp), left-padded, through the model.
+        Returns the cache of every layer's keys and values, for the continuations, and the
+        hidden states at the prompts' last position (P, dim), before the final norm. Only that
+        position is read, so the last block computes its keys and values and skips the rest
+        of the other positions."""
+        cache = SharedPrompts(mask)
+        last = self.body(tokens, mask, cache=cache, read=torch.full((1,), -1, device=tokens.device),
+                         embedded=embedded)
+        return cache, last
+
     def last_hidden(self, tokens, mask=None, prompts=None, embedded=None):
         """Final-norm hidden states (B, dim) at each row's last real token: what a reward reads.
 
@@ -411,12 +422,7 @@ class Transformer(nn.Module):
                 raise ValueError("pass embedded= or prompts=, not both")
             prompt_tokens, prompt_mask, rows = prompts
             prompt_embedded, embedded = self.embed_together(prompt_tokens, tokens)
-            cache = SharedPrompts(prompt_mask)
-            # Only the keys and values of the prompt's last block are used: reading one
-            # position skips the rest of it, as for the reward.
-            self.body(prompt_tokens, prompt_mask, cache=cache,
-                      read=torch.full((1,), -1, device=prompt_tokens.device),
-                      embedded=prompt_embedded)
+            cache, _ = self.run_prompts(prompt_tokens, prompt_mask, prompt_embedded)
             cache = cache.continued(rows)
         last = last_token_index(mask, tokens.shape[1], tokens.device)
         return self.norm(self.body(tokens, mask, cache=cache, read=last, embedded=embedded))

@@ -14,7 +14,7 @@ instead combines all outputs linearly (the published 5-attribute weightings).
 
 import torch
 
-from minirm.data import MIN_GAIN, collate, collate_shared, shared_prefix
+from minirm.data import MIN_GAIN, collate, collate_shared, common_prefix, padded_positions
 
 # Two published weightings of the five HelpSteer2 attributes (METHOD.md section 2), in the order
 # helpfulness, correctness, coherence, complexity, verbosity.
@@ -78,28 +78,25 @@ def plan_batches(seqs, batch_size, group=1):
     fewer positions in all: k samples of a long prompt share it, while the pairs of a
     benchmark with lengths all over the place pad less when sorted one by one."""
     lengths = [len(s) for s in seqs]
-
-    def positions(idx):
-        return len(idx) * max(lengths[i] for i in idx)
-
     order = sorted(range(len(seqs)), key=lengths.__getitem__)
     plain = [(order[i:i + batch_size], False) for i in range(0, len(order), batch_size)]
     k = group
     if k < 2 or len(seqs) % k or batch_size < k:  # whole runs would exceed batch_size
         return plain
     runs = [list(range(i, i + k)) for i in range(0, len(seqs), k)]
-    cut = [min(shared_prefix(seqs[r[0]], seqs[j]) for j in r[1:]) for r in runs]
+    cut = [common_prefix([seqs[j] for j in r]) for r in runs]
+    rests = [n - cut[j // k] for j, n in enumerate(lengths)]  # after the run's prompt
     runs.sort(key=lambda r: max(lengths[i] for i in r))
     per_batch = batch_size // k
     plan, total = [], 0
     for i in range(0, len(runs), per_batch):
         idx = sum(runs[i:i + per_batch], [])
-        n = positions(idx)
+        n = padded_positions(lengths, [idx])
         shared = (len(idx) // k * max(cut[j // k] for j in idx)
-                  + len(idx) * max(lengths[j] - cut[j // k] for j in idx))
+                  + padded_positions(rests, [idx]))
         plan.append((idx, shared <= (1 - MIN_GAIN) * n))
         total += shared if plan[-1][1] else n
-    return plan if total < sum(positions(idx) for idx, _ in plain) else plain
+    return plan if total < padded_positions(lengths, [idx for idx, _ in plain]) else plain
 
 
 def score_pairs(model, encoded_pairs, pad_id, batch_size=16, weights=None, reward_index=0,

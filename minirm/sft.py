@@ -166,23 +166,20 @@ def shared_prompt_logprobs(model, tokens, mask, targets, grid=None):
     distinct = {}
     rows = [distinct.setdefault(tuple(seq[:s]), len(distinct)) for seq, s in zip(seqs, starts)]
     responses = [seq[s:n] for seq, s, n in zip(seqs, starts, lengths)]
-    groups = D.length_groups([len(r) for r in responses])
-    whole = sum(len(g) * max(lengths[i] for i in g) for g in D.length_groups(lengths))
+    response_lengths = [len(r) for r in responses]
+    groups = D.length_groups(response_lengths)
+    whole = D.padded_positions(lengths, D.length_groups(lengths))
     shared = (len(distinct) * max(map(len, distinct))
-              + sum(len(g) * max(len(responses[i]) for i in g) for g in groups))
+              + D.padded_positions(response_lengths, groups))
     if len(distinct) == B or shared > (1 - D.MIN_GAIN) * whole:
         return grouped_logprobs(model, tokens, mask, targets, grid)
     from minirm.generate import left_pad
-    from minirm.model import SharedPrompts
     device = tokens.device
     prompt_tokens, prompt_mask = left_pad([list(p) for p in distinct], 0, device)
     parts = [tuple(x.to(device) for x in D.collate([responses[i] for i in g], 0))
              for g in groups]
     embedded = model.embed_together(prompt_tokens, *(t for t, _ in parts))
-    cache = SharedPrompts(prompt_mask)
-    # Only the prompt's last hidden state is read: the last block skips its other positions.
-    last = model.body(prompt_tokens, prompt_mask, cache=cache,
-                      read=torch.full((1,), -1, device=device), embedded=embedded[0])
+    cache, last = model.run_prompts(prompt_tokens, prompt_mask, embedded[0])
     rows = torch.tensor(rows, device=device)
     out = []
     for g, (t, m), x in zip(groups, parts, embedded[1:]):

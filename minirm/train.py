@@ -286,7 +286,7 @@ def batch_rewards(model, seqs, pad_id, device, autocast=None, pairs=0):
     gets alone."""
     autocast = autocast or _null()
     groups = D.length_groups([len(s) for s in seqs])
-    positions = sum(len(g) * max(len(seqs[i]) for i in g) for g in groups)
+    positions = D.padded_positions([len(s) for s in seqs], groups)
     if pairs:
         tokens, mask, prompts = D.collate_pairs(list(zip(seqs[:pairs], seqs[pairs:])), pad_id)
         if prompts[0].numel() + tokens.numel() <= (1 - D.MIN_GAIN) * positions:
