@@ -6,16 +6,22 @@ stream them depends on the processor. Inside `packed_for_decoding(model, rows)` 
 run in whichever of two layouts decodes faster on this machine, measured once per process. In
 both, the q, k and v projections become one matrix, and so do SwiGLU's gate and up projections
 (w1, w3): fewer and larger products, the same numbers (rows of a product are independent).
-Both are a copy, as large again as the projections and the output layer.
+Both are a copy, as large again as the projections and the output layer; the BLAS layout for
+several rows also keeps the fused q/k/v and gate/up matrices unpacked, for prefills.
 
 - `onednn`: every projection, and the output layer, reordered into oneDNN's blocked layout
   (`torch.ops.mkldnn._reorder_linear_weight`). On AMD EPYC its matrix-vector kernel streams at
   close to the bandwidth limit where `F.linear` (MKL, tuned for long rows; a 576-wide row is
   short) reaches about half; on Intel Xeon it is the faster of the two for 8 rows.
-- `blas`: the weights stored transposed, (in, out) contiguous, and y = x @ W^T computed as x
-  times that row-major matrix with torch's BLAS. For one row on Intel Xeon, MKL streams it
-  20-30% faster than `F.linear` reads the model's own (out, in) weights, and faster than
-  oneDNN's packed layout.
+- `blas`: torch's BLAS (MKL in the x86 builds). For one row, the weights stored transposed,
+  (in, out) contiguous, and y = x @ W^T computed as x times that row-major matrix: on Intel Xeon
+  MKL streams it 20-30% faster than `F.linear` reads the model's own (out, in) weights, and
+  faster than oneDNN's packed layout. For several rows, MKL's packed product
+  (`torch.ops.mkl._mkl_linear`, cblas_sgemm_pack / cblas_sgemm_compute): the weights reordered
+  once for products of exactly that many rows, where a plain product of a few rows packs them
+  again on every call. On the Xeon, one pass over SmolLM2-135M's projections took 32-37 ms at
+  8 rows against 44-47 for `F.linear` and 39 in oneDNN's layout, and 65-72 ms at 64 rows (a
+  REINFORCE rollout) against 92-97 for either.
 
 `choose` times the model's own decoding steps in each layout, several in a row as `generate`
 runs them (once per process, model shape, thread count and number of rows: ~1.5 s for
@@ -38,6 +44,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from minirm import onednn
 
@@ -82,6 +89,41 @@ class TransposedLinear:
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else y
 
 
+class RowsPackedLinear:
+    """The same call through MKL's packed product, the stacked weights reordered for products
+    of `rows` rows. A product of fewer rows is padded with zero rows up to `rows` (a few rows
+    cost what reading the weights costs, so the padding is nearly free), and one of more rows
+    (a prefill) takes `F.linear` on the weights unpacked, which MKL's packed call does by
+    itself. `generate` packs again for fewer rows once half of the batch has ended
+    (`rows_left`; ~0.2 s for SmolLM2-135M)."""
+
+    def __init__(self, rows: int, *weights: torch.Tensor):
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        self.weight = weight.detach().contiguous()
+        self.sizes = [w.shape[0] for w in weights]
+        self.rows = None
+        self.pack_for(rows)
+
+    def pack_for(self, rows: int):
+        if rows != self.rows:
+            self.rows = rows
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows)
+
+    def __call__(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        n = len(flat)
+        if n < self.rows:
+            flat = F.pad(flat, (0, 0, 0, self.rows - n))
+        y = torch.ops.mkl._mkl_linear(flat, self.packed, self.weight, None, self.rows)
+        y = y[:n].view(*x.shape[:-1], -1)
+        return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else y
+
+
+def mkl_packing() -> bool:
+    """Whether this torch has MKL's packed product (its x86 builds do)."""
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
 def can_pack(model) -> bool:
     weight = model.tok_embeddings.weight
     from minirm.model import Linear
@@ -100,8 +142,17 @@ def _versions(model):
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
-def _pack(model, layout):
-    make = PackedLinear if layout == "onednn" else TransposedLinear
+def _make(layout, rows):
+    """The class of one product in `layout` for decoding steps of `rows` rows."""
+    if layout == "onednn":
+        return PackedLinear
+    if rows > 1 and mkl_packing():
+        return lambda *weights: RowsPackedLinear(rows, *weights)
+    return TransposedLinear
+
+
+def _pack(model, layout, rows):
+    make = _make(layout, rows)
     packs = []
     for layer in model.layers:
         a, f = layer.attention, layer.feed_forward
@@ -111,6 +162,36 @@ def _pack(model, layout):
     if model.score is None:  # the language-model head (tied: the embedding matrix)
         head = make((model.tok_embeddings if model.output is None else model.output).weight)
     return packs, head
+
+
+def _products(packs, head):
+    return [p for attn, ffn in packs for p in attn + ffn] + ([head] if head else [])
+
+
+def rows_left(model, rows: int):
+    """`generate` calls this when rows leave the decoding batch: MKL's packed products are
+    packed again for the `rows` left once they are at most half of what they were packed for
+    (until then the missing rows are padded)."""
+    packs = [(layer.attention.packed, layer.feed_forward.packed) for layer in model.layers]
+    if packs[0][0] is None:
+        return
+    for p in _products(packs, model.packed_head):
+        if isinstance(p, RowsPackedLinear) and 2 * rows <= p.rows:
+            p.pack_for(rows)
+
+
+def _fits(weights, layout, rows) -> bool:
+    """Whether `weights`, built in `layout` for an earlier call, serve steps of `rows` rows:
+    the BLAS layout is one of two classes by the number of rows, and its packed products are
+    packed again for a new number of rows (`RowsPackedLinear.pack_for`)."""
+    products = _products(*weights)
+    packed_rows = isinstance(products[0], RowsPackedLinear)
+    if layout == "blas" and packed_rows != (rows > 1 and mkl_packing()):
+        return False
+    if packed_rows:
+        for p in products:
+            p.pack_for(rows)
+    return True
 
 
 def _installed(model, packs, head):
@@ -171,7 +252,7 @@ def choose(model, rows: int, built: dict) -> str:
         for _ in range(2):  # a second round only for a close call (or a burst of load)
             for name in LAYOUTS:
                 built.clear()  # free the last copy before making the next
-                built[name] = _pack(model, name)
+                built[name] = _pack(model, name, rows)
                 times[name] = min(times[name], _fastest_step(model, built[name], rows))
             if max(times.values()) > CLEAR_LEAD * min(times.values()):
                 break
@@ -198,8 +279,9 @@ def packed_for_decoding(model, rows: int = 1):
     layout = choose(model, rows, built)
     for name in [n for n in built if n != layout]:
         del built[name]  # keep only the layout in use
-    if layout not in built:
-        built[layout] = _pack(model, layout)
+    if layout not in built or not _fits(built[layout], layout, rows):
+        built.pop(layout, None)
+        built[layout] = _pack(model, layout, rows)
     _installed(model, *built[layout])
     try:
         yield model

@@ -4,6 +4,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minirm.checkpoint import load_model, save_model
 from minirm.config import preset
@@ -377,9 +378,9 @@ def test_packed_decoding_matches_the_plain_model(monkeypatch):
     monkeypatch.setattr(packed, "_CHOSEN", {})
     copies, pack = [], packed._pack
 
-    def one_copy_at_a_time(model, layout):  # choosing times each layout with no other alive
+    def one_copy_at_a_time(model, layout, rows):  # choosing times each layout alone
         assert all(c() is None for c in copies), f"{layout} packed beside another copy"
-        packs, head = pack(model, layout)
+        packs, head = pack(model, layout, rows)
         copies.append(weakref.ref(packs[0][0][1]))
         return packs, head
 
@@ -414,6 +415,71 @@ def test_packed_choice_times_a_close_call_twice(monkeypatch):
         monkeypatch.setattr(packed, "_fastest_step", timed)
         assert packed.choose(model, 2, {}) == chosen
         assert len(calls) == rounds * len(packed.LAYOUTS)
+
+
+def test_blas_layout_packs_products_for_the_rows_of_a_step(monkeypatch):
+    """The BLAS decoding layout: for one row the weights stored transposed, for several MKL's
+    packed product for exactly that many rows. Fewer rows are padded, more (a prefill) take
+    the unpacked product, the same products are packed again for another batch size, and for
+    fewer rows once half a batch has ended; sampling with rows that end gives the unpacked
+    model's tokens."""
+    from minirm import packed
+
+    if not packed.mkl_packing():
+        pytest.skip("this torch has no MKL packed product")
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(96, 384, generator=g), torch.randn(32, 384, generator=g)
+    product = packed.RowsPackedLinear(4, w1, w2)
+    for n in (4, 3, 1, 9):  # packed, padded twice, unpacked
+        x = torch.randn(n, 1, 384, generator=g)
+        y1, y2 = product(x)
+        assert y1.shape == (n, 1, 96) and y2.shape == (n, 1, 32)
+        torch.testing.assert_close(y1, F.linear(x, w1), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(y2, F.linear(x, w2), atol=1e-4, rtol=1e-5)
+    assert product.rows == 4
+
+    monkeypatch.setenv("MINIRM_CPU_MATMUL", "blas")
+    cfg = preset("debug", dim=384, ffn_dim=512, n_heads=6, n_kv_heads=2)
+    model = Transformer(cfg).init_weights(seed=0).eval()
+
+    def first():
+        return model.layers[0].attention.packed[0]
+
+    with packed.packed_for_decoding(model, rows=1):
+        assert isinstance(first(), packed.TransposedLinear)
+    with packed.packed_for_decoding(model, rows=4):
+        assert isinstance(first(), packed.RowsPackedLinear) and first().rows == 4
+        four = first()
+    monkeypatch.setattr(packed, "_pack", lambda *a: pytest.fail("packed again"))
+    with packed.packed_for_decoding(model, rows=5):  # the same products, packed for 5 rows
+        assert first() is four and four.rows == 5
+        packed.rows_left(model, 3)  # more than half: padded
+        assert four.rows == 5
+        packed.rows_left(model, 2)
+        assert four.rows == 2 and model.packed_head.rows == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("MINIRM_CPU_MATMUL", "blas")
+
+    prompts = [[256, 5, 6, 7], [256, 9], [256, 1, 2], [256, 40, 41, 42, 43], [256, 7]]
+    stop = set(range(0, 259, 6))
+    repacked, pack_for = [], packed.RowsPackedLinear.pack_for
+
+    def spy(self, rows):
+        repacked.append(rows)
+        pack_for(self, rows)
+
+    monkeypatch.setattr(packed.RowsPackedLinear, "pack_for", spy)
+
+    def run():
+        return generate(model, prompts, 16, temperature=1.0, stop_ids=stop, pad_id=cfg.pad_id,
+                        generator=torch.Generator().manual_seed(3))
+
+    fast = run()
+    assert 5 in repacked and min(repacked) <= 2  # packed for the batch, then for the few left
+    monkeypatch.setattr(packed, "can_pack", lambda model: False)
+    plain = run()
+    assert torch.equal(fast.tokens, plain.tokens) and torch.equal(fast.ended, plain.ended)
+    torch.testing.assert_close(fast.logprobs, plain.logprobs, atol=1e-4, rtol=1e-4)
 
 
 def test_sample_categorical_follows_the_distribution():
