@@ -36,9 +36,10 @@ Cases, on the `smollm2-135m` shape (`--quick`: the `debug` preset and tiny sizes
 - `generate`: 64 new tokens sampled at temperature 1 (no top-k / top-p, no stop id) after a
   32-token prompt (batch 1) or 8 left-padded prompts of 24..40 tokens, against
   `generate(do_sample=True)`. New tokens/s, prefill included. minirm decodes through
-  `minirm.packed` on the CPU (the projections in whichever layout, oneDNN-packed or stored
-  transposed for BLAS, decodes faster on this machine), chosen and packed by the warm-up call and
-  reused, as by any caller that generates more than once with the same weights.
+  `minirm.packed` on the CPU (the projections in whichever layout decodes faster on this
+  machine: oneDNN-packed, or BLAS, stored transposed for one row and in MKL's packed form for
+  several), chosen and packed by the warm-up call and reused, as by any caller that generates
+  more than once with the same weights.
 - `attention`: the three backends, forward + backward, causal, B = 1 with smollm2's heads (9
   query, 3 key/value, head_dim 64) in the model's (B, T, H, D) layout, at 512, 2048 and 4096
   tokens, against transformers' `sdpa_attention_forward`. Time, and peak memory: the most bytes

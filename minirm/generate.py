@@ -27,7 +27,7 @@ import torch
 
 from minirm.errors import ArgumentParser, UserError, cli
 from minirm.model import KVCache
-from minirm.packed import packed_for_decoding, rows_left
+from minirm.packed import packed_for_decoding
 
 # Ended rows leave the decoding batch when they are at least this fraction of it: a smaller
 # batch decodes faster (on 2 CPU cores, SmolLM2's step takes ~0.2 s at 64 rows, ~0.07 s at 8),
@@ -166,7 +166,6 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
         if n_done >= DROP_ENDED * len(alive):  # the ended rows leave the batch
             keep = (~done).nonzero()[:, 0]
             cache, alive, tok, done = cache.rows(keep), alive[keep], tok[keep], done[keep]
-            rows_left(model, len(alive))
         logits = model(tok[:, None], None, cache)[:, -1]
     logprobs = logprobs.masked_fill(~valid, 0.0)
     return Generation(out[:, :n], logprobs[:, :n], valid[:, :n], ended)

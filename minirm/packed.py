@@ -7,21 +7,23 @@ run in whichever of two layouts decodes faster on this machine, measured once pe
 both, the q, k and v projections become one matrix, and so do SwiGLU's gate and up projections
 (w1, w3): fewer and larger products, the same numbers (rows of a product are independent).
 Both are a copy, as large again as the projections and the output layer; the BLAS layout for
-several rows also keeps the fused q/k/v and gate/up matrices unpacked, for prefills.
+2 to PAD_ROWS rows also keeps the fused q/k/v and gate/up matrices unpacked, for prefills.
 
 - `onednn`: every projection, and the output layer, reordered into oneDNN's blocked layout
   (`torch.ops.mkldnn._reorder_linear_weight`). On AMD EPYC its matrix-vector kernel streams at
   close to the bandwidth limit where `F.linear` (MKL, tuned for long rows; a 576-wide row is
   short) reaches about half; on Intel Xeon it is the faster of the two for 8 rows.
-- `blas`: torch's BLAS (MKL in the x86 builds). For one row, the weights stored transposed,
-  (in, out) contiguous, and y = x @ W^T computed as x times that row-major matrix: on Intel Xeon
-  MKL streams it 20-30% faster than `F.linear` reads the model's own (out, in) weights, and
-  faster than oneDNN's packed layout. For several rows, MKL's packed product
-  (`torch.ops.mkl._mkl_linear`, cblas_sgemm_pack / cblas_sgemm_compute): the weights reordered
-  once for products of exactly that many rows, where a plain product of a few rows packs them
-  again on every call. On the Xeon, one pass over SmolLM2-135M's projections took 32-37 ms at
-  8 rows against 44-47 for `F.linear` and 39 in oneDNN's layout, and 65-72 ms at 64 rows (a
-  REINFORCE rollout) against 92-97 for either.
+- `blas`: torch's BLAS (MKL in the x86 builds). For one row, and for more than PAD_ROWS, the
+  weights stored transposed, (in, out) contiguous, and y = x @ W^T computed as x times that
+  row-major matrix: on Intel Xeon MKL streams one row 20-30% faster than `F.linear` reads the
+  model's own (out, in) weights, and faster than oneDNN's packed layout. For 2 to PAD_ROWS
+  (16) rows, MKL's packed product (`torch.ops.mkl._mkl_linear`, cblas_sgemm_pack /
+  cblas_sgemm_compute): the weights reordered once for products of that many rows, where a
+  plain product of a few rows packs them again on every call. On the Xeon, one pass over
+  SmolLM2-135M's projections at 8 rows took 32-44 ms against 44-57 for `F.linear` or the
+  transposed weights and 39 in oneDNN's layout. (At 64 rows too the packed product is ahead,
+  89 against 105 ms, but a REINFORCE rollout's batch shrinks as samples end, and each new
+  number of rows would need a new pack.)
 
 `choose` times the model's own decoding steps in each layout, several in a row as `generate`
 runs them (once per process, model shape, thread count and number of rows: ~1.5 s for
@@ -55,6 +57,11 @@ BATCH_HINT = 16
 # ~100k weights; below MIN_WEIGHTS (a toy model's) the model runs unpacked.
 MIN_WEIGHTS = 2**17
 LAYOUTS = ("onednn", "blas")
+# The BLAS layout uses MKL's packed product for 2 to PAD_ROWS rows. Up to here its products take
+# about as long as those of one row (Xeon, SmolLM2-135M's projections: 29-32 ms for 4 to 16 rows,
+# 50 for 32), so a pack serves fewer rows padded; for more rows each drop of the batch would
+# need a new pack (~0.2 s), where the transposed weights take any number of rows.
+PAD_ROWS = 16
 # `choose` times the layouts again when the slower is within this factor of the faster: on a
 # shared machine a burst of other work can bring both to the same time.
 CLEAR_LEAD = 1.1
@@ -90,12 +97,11 @@ class TransposedLinear:
 
 
 class RowsPackedLinear:
-    """The same call through MKL's packed product, the stacked weights reordered for products
-    of `rows` rows. A product of fewer rows is padded with zero rows up to `rows` (a few rows
-    cost what reading the weights costs, so the padding is nearly free), and one of more rows
-    (a prefill) takes `F.linear` on the weights unpacked, which MKL's packed call does by
-    itself. `generate` packs again for fewer rows once half of the batch has ended
-    (`rows_left`; ~0.2 s for SmolLM2-135M)."""
+    """The same call through MKL's packed product, the stacked weights reordered once for
+    products of `rows` rows (at most PAD_ROWS). Fewer rows, as when rows leave a decoding
+    batch, are padded with zero rows: up to PAD_ROWS rows a product costs what reading the
+    weights costs. More rows (a prefill) take `F.linear` on the weights unpacked, which MKL's
+    packed call does by itself."""
 
     def __init__(self, rows: int, *weights: torch.Tensor):
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
@@ -146,7 +152,7 @@ def _make(layout, rows):
     """The class of one product in `layout` for decoding steps of `rows` rows."""
     if layout == "onednn":
         return PackedLinear
-    if rows > 1 and mkl_packing():
+    if 1 < rows <= PAD_ROWS and mkl_packing():
         return lambda *weights: RowsPackedLinear(rows, *weights)
     return TransposedLinear
 
@@ -168,25 +174,14 @@ def _products(packs, head):
     return [p for attn, ffn in packs for p in attn + ffn] + ([head] if head else [])
 
 
-def rows_left(model, rows: int):
-    """`generate` calls this when rows leave the decoding batch: MKL's packed products are
-    packed again for the `rows` left once they are at most half of what they were packed for
-    (until then the missing rows are padded)."""
-    packs = [(layer.attention.packed, layer.feed_forward.packed) for layer in model.layers]
-    if packs[0][0] is None:
-        return
-    for p in _products(packs, model.packed_head):
-        if isinstance(p, RowsPackedLinear) and 2 * rows <= p.rows:
-            p.pack_for(rows)
-
-
 def _fits(weights, layout, rows) -> bool:
     """Whether `weights`, built in `layout` for an earlier call, serve steps of `rows` rows:
     the BLAS layout is one of two classes by the number of rows, and its packed products are
-    packed again for a new number of rows (`RowsPackedLinear.pack_for`)."""
+    packed again for another number of rows (`RowsPackedLinear.pack_for`, ~0.2 s for
+    SmolLM2-135M)."""
     products = _products(*weights)
     packed_rows = isinstance(products[0], RowsPackedLinear)
-    if layout == "blas" and packed_rows != (rows > 1 and mkl_packing()):
+    if layout == "blas" and packed_rows != (1 < rows <= PAD_ROWS and mkl_packing()):
         return False
     if packed_rows:
         for p in products:

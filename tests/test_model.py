@@ -337,9 +337,9 @@ def test_sampling_logprobs_are_those_of_the_filtered_distribution():
 
 
 def test_packed_decoding_matches_the_plain_model(monkeypatch):
-    """minirm.packed: both decoding layouts (fused projections, oneDNN-packed or stored
-    transposed for torch's BLAS) give the plain model's logits, in prefill and cached decode,
-    tied and untied heads; a weight update is seen at the next call (the packed copy is
+    """minirm.packed: both decoding layouts (fused projections, oneDNN-packed or, for 2 rows,
+    in MKL's packed form for torch's BLAS) give the plain model's logits, in prefill and cached
+    decode, tied and untied heads; a weight update is seen at the next call (the packed copy is
     rebuilt), and toy-sized models are left unpacked. Unforced, the layout is timed once and
     remembered, with never two copies of the weights alive while choosing."""
     from minirm import packed
@@ -418,17 +418,18 @@ def test_packed_choice_times_a_close_call_twice(monkeypatch):
 
 
 def test_blas_layout_packs_products_for_the_rows_of_a_step(monkeypatch):
-    """The BLAS decoding layout: for one row the weights stored transposed, for several MKL's
-    packed product for exactly that many rows. Fewer rows are padded, more (a prefill) take
-    the unpacked product, the same products are packed again for another batch size, and for
-    fewer rows once half a batch has ended; sampling with rows that end gives the unpacked
-    model's tokens."""
+    """The BLAS decoding layout: for one row, and for more than PAD_ROWS, the weights stored
+    transposed; for 2 to PAD_ROWS rows MKL's packed product for that many rows, which serves
+    fewer rows padded and more (a prefill) unpacked, and is packed again for another batch
+    size. Sampling while rows end gives the unpacked model's tokens."""
     from minirm import packed
 
     if not packed.mkl_packing():
         pytest.skip("this torch has no MKL packed product")
     g = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(96, 384, generator=g), torch.randn(32, 384, generator=g)
+    pads, pad = [], F.pad
+    monkeypatch.setattr(F, "pad", lambda x, *a: pads.append(len(x)) or pad(x, *a))
     product = packed.RowsPackedLinear(4, w1, w2)
     for n in (4, 3, 1, 9):  # packed, padded twice, unpacked
         x = torch.randn(n, 1, 384, generator=g)
@@ -436,7 +437,8 @@ def test_blas_layout_packs_products_for_the_rows_of_a_step(monkeypatch):
         assert y1.shape == (n, 1, 96) and y2.shape == (n, 1, 32)
         torch.testing.assert_close(y1, F.linear(x, w1), atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(y2, F.linear(x, w2), atol=1e-4, rtol=1e-5)
-    assert product.rows == 4
+    assert product.rows == 4 and pads == [3, 1]
+    monkeypatch.undo()
 
     monkeypatch.setenv("MINIRM_CPU_MATMUL", "blas")
     cfg = preset("debug", dim=384, ffn_dim=512, n_heads=6, n_kv_heads=2)
@@ -445,40 +447,31 @@ def test_blas_layout_packs_products_for_the_rows_of_a_step(monkeypatch):
     def first():
         return model.layers[0].attention.packed[0]
 
-    with packed.packed_for_decoding(model, rows=1):
-        assert isinstance(first(), packed.TransposedLinear)
+    for rows in (1, packed.PAD_ROWS + 1):
+        with packed.packed_for_decoding(model, rows=rows):
+            assert isinstance(first(), packed.TransposedLinear)
     with packed.packed_for_decoding(model, rows=4):
         assert isinstance(first(), packed.RowsPackedLinear) and first().rows == 4
         four = first()
     monkeypatch.setattr(packed, "_pack", lambda *a: pytest.fail("packed again"))
     with packed.packed_for_decoding(model, rows=5):  # the same products, packed for 5 rows
-        assert first() is four and four.rows == 5
-        packed.rows_left(model, 3)  # more than half: padded
-        assert four.rows == 5
-        packed.rows_left(model, 2)
-        assert four.rows == 2 and model.packed_head.rows == 2
-    monkeypatch.undo()
-    monkeypatch.setenv("MINIRM_CPU_MATMUL", "blas")
+        assert first() is four and four.rows == 5 and model.packed_head.rows == 5
 
     prompts = [[256, 5, 6, 7], [256, 9], [256, 1, 2], [256, 40, 41, 42, 43], [256, 7]]
-    stop = set(range(0, 259, 6))
-    repacked, pack_for = [], packed.RowsPackedLinear.pack_for
-
-    def spy(self, rows):
-        repacked.append(rows)
-        pack_for(self, rows)
-
-    monkeypatch.setattr(packed.RowsPackedLinear, "pack_for", spy)
+    stop = set(range(0, 259, 6))  # rows end at unlike steps and leave the batch
 
     def run():
         return generate(model, prompts, 16, temperature=1.0, stop_ids=stop, pad_id=cfg.pad_id,
                         generator=torch.Generator().manual_seed(3))
 
+    pads.clear()
+    monkeypatch.setattr(F, "pad", lambda x, *a: pads.append(len(x)) or pad(x, *a))
     fast = run()
-    assert 5 in repacked and min(repacked) <= 2  # packed for the batch, then for the few left
+    assert packed.layout_in_use(model) == "blas" and min(pads) < 5  # rows left, padded
     monkeypatch.setattr(packed, "can_pack", lambda model: False)
     plain = run()
     assert torch.equal(fast.tokens, plain.tokens) and torch.equal(fast.ended, plain.ended)
+    assert len(set(plain.mask.sum(-1).tolist())) > 2
     torch.testing.assert_close(fast.logprobs, plain.logprobs, atol=1e-4, rtol=1e-4)
 
 
