@@ -8,7 +8,9 @@ then they decode padding, which nothing reads. Sampling draws one random number 
 whole batch each step, ended rows included, so every row draws the same numbers however the
 batch shrinks, and the same tokens up to rounding (a product of fewer rows may round its last
 bit differently, as in any other batch). A prompt given several times (REINFORCE's k samples
-of each) is prefilled once and its cache copied to each of its rows.
+of each) is prefilled once and its cache copied to each of its rows. On a GPU the steps after
+the prefill replay a CUDA graph (`minirm.graphs`), whose batch stays whole: there an ended row
+costs little, and launching a step's kernels one by one costs more than reading the weights.
 
 `generate` returns the new tokens, their log-probabilities under the distribution they were
 sampled from (after temperature, top-k and top-p; plain log-softmax for greedy decoding) and
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from minirm.errors import ArgumentParser, UserError, cli
+from minirm.graphs import can_graph, decoding_step
 from minirm.model import KVCache
 from minirm.packed import packed_for_decoding
 
@@ -105,8 +108,10 @@ def sample_categorical(probs, generator=None, u=None):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
-             stop_ids=(), pad_id=0, generator=None, progress=False) -> Generation:
-    """Sample continuations of `prompts` (lists of token ids) with a KV cache."""
+             stop_ids=(), pad_id=0, generator=None, progress=False,
+             cuda_graphs=True) -> Generation:
+    """Sample continuations of `prompts` (lists of token ids) with a KV cache. On a GPU the
+    decoding steps are replayed from a CUDA graph unless `cuda_graphs` is False."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -124,11 +129,11 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top
     rows = torch.tensor(rows, device=device)
     with packed_for_decoding(model, rows=B):
         return _sample(model, tokens[first], mask[first], rows, max_new_tokens, temperature,
-                       top_k, top_p, stop_ids, pad_id, generator, progress)
+                       top_k, top_p, stop_ids, pad_id, generator, progress, cuda_graphs)
 
 
 def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p, stop_ids,
-            pad_id, generator, progress):
+            pad_id, generator, progress, cuda_graphs):
     B, P = len(rows), tokens.shape[1]
     device = tokens.device
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
@@ -148,6 +153,10 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
     if progress:
         from tqdm import tqdm
         steps = tqdm(steps, desc="generate", unit="tok", leave=False)
+    # On a GPU the steps replay one CUDA graph (`minirm.graphs`), whose batch stays whole.
+    graphed = None
+    if cuda_graphs and max_new_tokens > 1 and can_graph(model, cache):
+        graphed = decoding_step(model, cache)
     n = 0
     for step in steps:
         u = None
@@ -160,13 +169,16 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
         ended[alive] |= hit
         done |= hit
         n = step + 1
-        n_done = int(done.sum())  # one sync a step
-        if n_done == len(alive) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1:
             break
-        if n_done >= DROP_ENDED * len(alive):  # the ended rows leave the batch
-            keep = (~done).nonzero()[:, 0]
-            cache, alive, tok, done = cache.rows(keep), alive[keep], tok[keep], done[keep]
-        logits = model(tok[:, None], None, cache)[:, -1]
+        if len(stop_ids):  # else no row can end, and a GPU need not wait to be asked
+            n_done = int(done.sum())  # one sync a step
+            if n_done == len(alive):
+                break
+            if graphed is None and n_done >= DROP_ENDED * len(alive):  # ended rows leave
+                keep = (~done).nonzero()[:, 0]
+                cache, alive, tok, done = cache.rows(keep), alive[keep], tok[keep], done[keep]
+        logits = graphed(tok) if graphed else model(tok[:, None], None, cache)[:, -1]
     logprobs = logprobs.masked_fill(~valid, 0.0)
     return Generation(out[:, :n], logprobs[:, :n], valid[:, :n], ended)
 

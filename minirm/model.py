@@ -351,12 +351,16 @@ class Transformer(nn.Module):
             key_mask = None
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         positions = positions.clamp(min=0)  # left padding sits at position 0
-        if key_mask is not None and bool(key_mask.all()):
+        allowed = None
+        if getattr(cache, "static", False):
+            # A step replayed as a CUDA graph (`minirm.graphs`): one token a row, which sees
+            # every real slot of the whole cache, its own included; no test that syncs.
+            allowed = key_mask[:, None, None, :]
+        elif key_mask is not None and bool(key_mask.all()):
             key_mask = None  # no padding at all: attention takes its causal fast paths
         # Who sees whom, built once for all layers (not by the flash backend, which never
         # holds a T x S matrix).
-        allowed = None
-        if key_mask is not None and self.layers[0].attention.backend != "flash":
+        if allowed is None and key_mask is not None and self.layers[0].attention.backend != "flash":
             allowed = build_mask(key_mask, T, key_mask.shape[1], tokens.device)
         x = self.tok_embeddings(tokens) if embedded is None else embedded
         # sin comes with its first half negated, as apply_rope takes it.

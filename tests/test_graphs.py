@@ -1,0 +1,93 @@
+"""Decoding steps for CUDA graphs (`minirm.graphs`): the static cache's numbers on the CPU, and
+the captured graph against the same steps run eagerly on a GPU (skipped without one)."""
+
+import pytest
+import torch
+
+from minirm.config import preset
+from minirm.generate import generate, left_pad
+from minirm.graphs import StaticKVCache, can_graph, decoding_step
+from minirm.model import KVCache, Transformer
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+PROMPTS = [[256, 5, 6, 7, 8, 9], [256, 9], [256, 40, 41]]
+
+
+def prefilled(model, prompts, steps, rows=None):
+    """A KV cache after the prompts' prefill (copied to `rows` when given), and the logits at
+    each prompt's last position."""
+    x, mask = left_pad(prompts, model.cfg.pad_id, model.tok_embeddings.weight.device)
+    cache = KVCache(len(model.layers), len(prompts), x.shape[1] + steps)
+    logits = model(x, mask, cache)[:, -1]
+    if rows is not None:
+        cache, logits = cache.rows(torch.tensor(rows, device=x.device)), logits[rows]
+    return cache, logits
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("rows", [None, [0, 1, 0, 2]])
+def test_static_cache_steps_equal_the_plain_cache(backend, rows):
+    """Steps through StaticKVCache (slot in a tensor, attention over every slot with the empty
+    ones masked) give the plain cache's logits, also for a cache copied per sample, whose
+    empty slots start uninitialised."""
+    cfg = preset("debug", attention=backend)
+    model = Transformer(cfg).init_weights(seed=3).double().eval()
+    new = torch.randint(3, 256, (4 if rows else 3, 5), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        plain, first = prefilled(model, PROMPTS, new.shape[1], rows)
+        static, again = prefilled(model, PROMPTS, new.shape[1], rows)
+        step = decoding_step(model, static, graph=False)
+        torch.testing.assert_close(first, again, atol=0, rtol=0)
+        for t in range(new.shape[1]):
+            want = model(new[:, t:t + 1], None, plain)[:, -1]
+            torch.testing.assert_close(step(new[:, t]), want, atol=1e-12, rtol=0)
+    # The static steps wrote the prefilled cache's own mask and lengths, as the plain steps did.
+    assert torch.equal(static.mask, plain.mask) and torch.equal(static.lengths, plain.lengths)
+
+
+def test_graphs_apply_to_cuda_models_without_the_flash_backend():
+    model = Transformer(preset("debug", attention="flash")).eval()
+    with torch.inference_mode():
+        cache, _ = prefilled(model, PROMPTS, 2)
+        assert not can_graph(model, cache)  # on the CPU
+        with pytest.raises(NotImplementedError, match="keeps its batch"):
+            StaticKVCache(cache).rows(torch.tensor([0]))
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_replay_equals_the_eager_static_steps(dtype):
+    """The captured step replays exactly the kernels of the same step run eagerly."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(preset("debug")).init_weights(seed=3).to(dtype).eval()
+    new = torch.randint(3, 256, (4, 6), device="cuda")
+    with torch.inference_mode():
+        eager_cache, _ = prefilled(model, PROMPTS, new.shape[1], [0, 1, 0, 2])
+        graph_cache, _ = prefilled(model, PROMPTS, new.shape[1], [0, 1, 0, 2])
+        assert can_graph(model, graph_cache)
+        eager = decoding_step(model, eager_cache, graph=False)
+        graphed = decoding_step(model, graph_cache)
+        for t in range(new.shape[1]):
+            want = eager(new[:, t]).clone()
+            torch.testing.assert_close(graphed(new[:, t]), want, atol=0, rtol=0)
+
+
+@CUDA
+def test_generate_with_cuda_graphs_samples_what_eager_decoding_samples():
+    """generate on a GPU, graphed and not: the same tokens and log-probs (to float rounding:
+    the graph attends over the whole cache), with stop ids and repeated prompts."""
+    with torch.device("cuda"):
+        model = Transformer(preset("debug")).init_weights(seed=2).eval()
+    prompts = PROMPTS + [PROMPTS[0], PROMPTS[0]]
+    free = generate(model, prompts, 12, pad_id=0, cuda_graphs=False)
+    stop = {int(free.tokens[0, 3]), int(free.tokens[2, 7])}
+    for kwargs in (dict(), dict(temperature=1.0), dict(stop_ids=stop),
+                   dict(temperature=1.0, top_k=30, stop_ids=stop)):
+        runs = [generate(model, prompts, 12, pad_id=0, cuda_graphs=g,
+                         generator=torch.Generator("cuda").manual_seed(5), **kwargs)
+                for g in (False, True)]
+        assert torch.equal(runs[0].tokens, runs[1].tokens), kwargs
+        assert torch.equal(runs[0].mask, runs[1].mask) and torch.equal(runs[0].ended,
+                                                                       runs[1].ended)
+        torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=1e-4, rtol=0)
