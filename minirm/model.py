@@ -295,8 +295,25 @@ class Transformer(nn.Module):
         self.score = (nn.Linear(cfg.dim, cfg.n_outputs, bias=True, dtype=torch.float32)
                       if cfg.n_outputs else None)
         self._inv_freq = None
+        self._compiled = None  # compiled blocks for passes without a cache (`compile_blocks`)
         self.activation_checkpointing = False
         self.packed_head = None  # the output layer while decoding with packed weights
+
+    def compile_blocks(self, **options):
+        """Compile the blocks with `torch.compile` for passes without a cache (training, scoring).
+        Inductor fuses what runs between the products (norms, RoPE, SwiGLU, residuals) into few
+        kernels, which on a GPU is much of a training step's time besides the products. The
+        blocks themselves stay as they are (names, weights, checkpoints); the compiled versions
+        share their weights. One compiled graph serves every block for each kind of call (the
+        last block reading one position, padding or none, gradients or none), so the limit on
+        recompilations is raised to cover those; the first steps pay for compiling. Passes with
+        a cache (shared prompts, decoding) keep the plain blocks: a cache looks up each layer's
+        keys by its number, which compiled code would specialise once per layer."""
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        self._compiled = [torch.compile(layer, **options) for layer in self.layers]
+        return self
 
     def inv_freq(self, device):
         if self._inv_freq is None or self._inv_freq.device != device:
@@ -369,6 +386,8 @@ class Transformer(nn.Module):
         last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             r = read if i == last_layer else None
+            if self._compiled is not None and cache is None:
+                layer = self._compiled[i]
             if (self.activation_checkpointing and self.training
                     and not isinstance(cache, KVCache)):
                 # Keep only block inputs; recompute the block in backward (memory for time).

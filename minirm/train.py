@@ -96,6 +96,8 @@ class TrainSettings:
     device: str = opt(None, "cpu or cuda (default: cuda when available)")
     attention: str = opt(None, "attention backend", choices=("reference", "flash", "sdpa"))
     activation_checkpointing: bool = opt(False, "recompute blocks in backward to save memory")
+    compile: bool = opt(False, "torch.compile the blocks (on a GPU: fuses the work between "
+                        "products; the first steps compile)")
     skip_nonfinite: bool = opt(False, "skip batches with a NaN/inf loss instead of stopping")
     tp: int = opt(1, "tensor-parallel degree (run under torchrun)")
     dp: int = opt(None, "data-parallel degree (default: world size / tp)")
@@ -205,6 +207,8 @@ def train_stage(s: TrainSettings, objective, out: Path, data, init_from=None, gr
     model, cfg = load_model(spec, dtype=dtype, device=device, n_outputs=n_outputs,
                             attention=s.attention, seed=s.seed, grid=tp_grid)
     model.activation_checkpointing = s.activation_checkpointing
+    if s.compile:
+        model.compile_blocks()
     if s.max_length is not None and s.max_length > cfg.max_seq_len:
         raise UserError(f"--max-length {s.max_length} exceeds the model's context of "
                         f"{cfg.max_seq_len} tokens; pass at most {cfg.max_seq_len}")
