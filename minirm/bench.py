@@ -50,9 +50,11 @@ On a GPU (`--device cuda`), in bfloat16, against the same `transformers` classes
 - `gpu-train`: the reward-model step as train.py takes it on a GPU (bf16 weights under bf16
   autocast, fused AdamW) with activation checkpointing, on one pair of 4096-token sequences of
   the `llama-3.2-1b` shape. Tokens/s; utilisation is model FLOPs (6N + attention; the
-  recomputed forward is not counted) over the measured bf16 matmul rate.
+  recomputed forward is not counted) over the measured bf16 matmul rate. A second row times
+  the step with the blocks compiled (`train.py --compile`).
 - `gpu-decode`: batch-1 sampling of 64 tokens after 32 on the `llama-3.1-8b` shape; the
-  fraction is the bytes of weights read per second over the measured bandwidth.
+  fraction is the bytes of weights read per second over the measured bandwidth. minirm's steps
+  replay a CUDA graph (`minirm.graphs`); a second row times them run eagerly.
 On the CPU these two run only with `--quick` (debug shape, float32), which is how the tests
 cover their code; the limits are then measured in bf16 on the GPU (8192^2 matmul, 32768^2
 matrix-vector).
@@ -570,15 +572,25 @@ def case_attention(sh, tf, limits, repeats):
     return rows
 
 
+LLAMA3_PAD = 128004  # <|finetune_right_pad_id|> in Llama-3.1's tokenizer
+
+
+def gpu_config(name, n_outputs=0):
+    """Preset `name` with a pad id: the Llama-3 presets name none, and transformers needs one
+    to find each row's last token in a batch (random_tokens then never draws it)."""
+    from minirm.config import preset
+
+    cfg = preset(name, n_outputs=n_outputs)
+    return cfg if cfg.pad_id is not None else preset(name, n_outputs=n_outputs, pad_id=LLAMA3_PAD)
+
+
 def _gpu_model(name, device, n_outputs=0):
     """A seeded random model of preset `name` on `device`: bfloat16 on a GPU (the reward head
     stays float32), float32 on the CPU (which runs these cases only at --quick sizes)."""
-    from minirm.config import preset
     from minirm.model import Transformer
 
-    cfg = preset(name, n_outputs=n_outputs)
     with device:
-        model = Transformer(cfg).init_weights(seed=0)
+        model = Transformer(gpu_config(name, n_outputs)).init_weights(seed=0)
     return model.cast(torch.bfloat16) if device.type == "cuda" else model
 
 
@@ -632,7 +644,18 @@ def case_gpu_train(sh, tf, limits, repeats, device):
         note += f"; transformers at {flops / t_theirs / limit:.0%} of matmul"
     if _peak_gib(device):
         note += f"; peak {_peak_gib(device):.1f} GiB (the larger library's)"
-    return [row("gpu-train", "tokens/s", tps[0], tps[1], flops / t_ours / limit, note)]
+    rows = [row("gpu-train", "tokens/s", tps[0], tps[1], flops / t_ours / limit, note)]
+    if device.type == "cuda":  # the same step with its blocks compiled (train.py --compile)
+        model.compile_blocks()
+        compiled = stepper(model, lambda: model.reward(tokens, mask)[:, 0])
+        t0 = time.perf_counter()
+        compiled()
+        first = time.perf_counter() - t0
+        t, _ = timed(compiled, None, repeats)
+        rows.append(row("gpu-train, compiled blocks", "tokens/s", B * T / t, tps[1],
+                        flops / t / limit, f"Transformer.compile_blocks(); the first step, "
+                        f"compiling, took {first:.0f} s"))
+    return rows
 
 
 def case_gpu_decode(sh, tf, limits, repeats, device):
@@ -645,8 +668,11 @@ def case_gpu_decode(sh, tf, limits, repeats, device):
     gen = torch.Generator().manual_seed(2)
     prompt = [random_tokens(cfg, 1, sh.prompt, gen)[0].tolist()]
     sampler = torch.Generator(device).manual_seed(3)
-    ours = synced(lambda: generate(model, prompt, N, temperature=1.0, pad_id=cfg.pad_id,
-                                   generator=sampler), device)
+
+    def ours_with(cuda_graphs):
+        return synced(lambda: generate(model, prompt, N, temperature=1.0, pad_id=cfg.pad_id,
+                                       generator=sampler, cuda_graphs=cuda_graphs), device)
+    ours = ours_with(True)
     theirs = None
     if tf:
         hf = hf_twin(tf, model, "LlamaForCausalLM").eval()
@@ -665,8 +691,14 @@ def case_gpu_decode(sh, tf, limits, repeats, device):
             f"{weight_bytes / 2**30:.2f} GiB of weights a token")
     if tps[1]:
         note += f"; transformers at {weight_bytes * tps[1] / bw:.0%}"
-    return [row("gpu-decode batch 1", "new tokens/s", tps[0], tps[1],
+    rows = [row("gpu-decode batch 1", "new tokens/s", tps[0], tps[1],
                 weight_bytes * tps[0] / bw, note)]
+    if device.type == "cuda":  # what the CUDA graph of a step is worth
+        t_eager, _ = timed(ours_with(False), None, repeats)
+        rows.append(row("gpu-decode batch 1, eager steps", "new tokens/s", N / t_eager,
+                        tps[1], weight_bytes * N / t_eager / bw,
+                        "the same without CUDA graphs (generate(cuda_graphs=False))"))
+    return rows
 
 
 RUNNERS = {"train": case_train, "score": case_score, "reinforce": case_reinforce,

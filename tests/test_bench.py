@@ -82,6 +82,17 @@ def test_gpu_cases_run_at_quick_sizes_on_the_cpu():
     assert "activation checkpointing" in result["cases"][0]["note"]
 
 
+def test_gpu_shapes_have_a_pad_id_that_random_tokens_avoid():
+    """The Llama-3 presets name no pad id; the GPU cases give them Llama-3.1's, which
+    transformers needs for a batch, and never draw it as a token."""
+    for name in (bench.FULL.gpu_train_preset, bench.FULL.gpu_decode_preset):
+        cfg = bench.gpu_config(name, n_outputs=1)
+        assert cfg.pad_id == bench.LLAMA3_PAD < cfg.vocab_size
+        ids = bench.random_tokens(cfg, 4, 4096, torch.Generator().manual_seed(0))
+        assert not (ids == cfg.pad_id).any() and int(ids.max()) < cfg.vocab_size
+    assert bench.gpu_config("debug").pad_id == 258  # a preset's own stays
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_cases_on_cuda():
     result = gpu_cases("cuda")
