@@ -18,11 +18,14 @@ position that advances the cache by one token: replayed from a graph on a CUDA d
 eagerly elsewhere (the same code and numbers as the graph, so the CPU tests check it). Sampling
 stays outside the graph: it is a few kernels a step, and keeps its own random generator.
 
-What it simplifies: the batch is fixed for the graph (rows that end keep decoding padding, as
-they do in `generate` until a quarter of the batch has ended); one graph per `generate` call,
-captured after the prefill (a warm-up step and the recording: 34-42 ms for an 8B model on an
-H200, where a replay takes 6.4 ms); single-process models only (tensor-parallel shards decode
-eagerly).
+What it simplifies: the batch is fixed for the graph (rows that end keep decoding padding), and
+every step attends over the whole cache, so `generate` graphs only small batches (up to
+`generate.GRAPH_ROWS` rows), where launches dominate a step: a large batch's step is long enough
+for its launches to overlap the GPU's work, and it still drops ended rows and reads only the
+filled slots. One graph per `generate` call, captured after the prefill (a warm-up step and the
+recording: 34-42 ms for an 8B model on an H200, where a replay takes 6.4 ms; `torch.cuda.graph`
+also empties the allocator's cache first). One process only: under torchrun every rank decodes
+step by step.
 """
 
 import torch
@@ -66,20 +69,41 @@ class StaticKVCache(KVCache):
                                   "to drop rows")
 
 
+def static_steps_apply(model) -> bool:
+    """The model's attention takes the step's mask (the flash backend builds its own, which
+    would let the query see the last slot, empty until the cache is full), and this process
+    is the only one (under torchrun, products of a shard end in collectives: not captured)."""
+    return (all(layer.attention.backend != "flash" for layer in model.layers)
+            and not (dist.is_available() and dist.is_initialized()))
+
+
 def can_graph(model, cache: KVCache) -> bool:
-    """CUDA graphs apply: a CUDA model in this one process, with attention that takes the
-    step's mask (the flash backend builds its own, which would see the empty slots)."""
+    """CUDA graphs apply: a prefilled cache on a CUDA device and `static_steps_apply`."""
     return (cache.k is not None and cache.k.device.type == "cuda"
-            and not (dist.is_available() and dist.is_initialized())
-            and all(layer.attention.backend != "flash" for layer in model.layers))
+            and static_steps_apply(model))
 
 
 def decoding_step(model, cache: KVCache, graph: bool = True):
     """A function tok (B,) -> logits (B, vocab) for the position after `cache`, which each call
-    advances by one slot. With `graph` and `can_graph`, the step is captured once and replayed."""
+    advances by one slot, up to the cache's length. With `graph` and `can_graph`, the step is
+    captured once and replayed; without, the same static step runs eagerly."""
+    if any(layer.attention.backend == "flash" for layer in model.layers):
+        raise ValueError("static decoding steps need an attention backend that takes the "
+                         "step's mask (reference or sdpa), not flash")
     static = StaticKVCache(cache)
+    left = [cache.max_len - cache.pos]  # slots still free: a replay past them would write
+    # out of bounds on the device, which ends the CUDA context instead of raising
+
+    def check():
+        if left[0] <= 0:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; all are filled")
+        left[0] -= 1
+
     if not (graph and can_graph(model, cache)):
-        return lambda tok: model(tok[:, None], None, static)[:, -1]
+        def eager(tok):
+            check()
+            return model(tok[:, None], None, static)[:, -1]
+        return eager
     device = cache.k.device
     tok_in = torch.zeros(static.k.shape[1], 1, dtype=torch.long, device=device)
     # Warm up on a side stream (as capture needs: libraries pick their kernels and workspaces
@@ -98,6 +122,7 @@ def decoding_step(model, cache: KVCache, graph: bool = True):
         logits_out = model(tok_in, None, static)[:, -1]
 
     def step(tok):
+        check()
         tok_in.copy_(tok[:, None])
         g.replay()
         return logits_out

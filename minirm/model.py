@@ -311,7 +311,9 @@ class Transformer(nn.Module):
         keys by its number, which compiled code would specialise once per layer."""
         import torch._dynamo
 
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        config = torch._dynamo.config  # the limit's name before torch 2.7: cache_size_limit
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 32))  # for the whole process
         self._compiled = [torch.compile(layer, **options) for layer in self.layers]
         return self
 

@@ -36,6 +36,8 @@ def test_static_cache_steps_equal_the_plain_cache(backend, rows):
     with torch.inference_mode():
         plain, first = prefilled(model, PROMPTS, new.shape[1], rows)
         static, again = prefilled(model, PROMPTS, new.shape[1], rows)
+        static.k[:, :, :, static.pos:] = float("nan")  # as uninitialised memory may hold
+        static.v[:, :, :, static.pos:] = float("nan")
         step = decoding_step(model, static, graph=False)
         torch.testing.assert_close(first, again, atol=0, rtol=0)
         for t in range(new.shape[1]):
@@ -43,15 +45,30 @@ def test_static_cache_steps_equal_the_plain_cache(backend, rows):
             torch.testing.assert_close(step(new[:, t]), want, atol=1e-12, rtol=0)
     # The static steps wrote the prefilled cache's own mask and lengths, as the plain steps did.
     assert torch.equal(static.mask, plain.mask) and torch.equal(static.lengths, plain.lengths)
+    with pytest.raises(ValueError, match="all are filled"):  # never past the cache's end
+        step(new[:, 0])
 
 
-def test_graphs_apply_to_cuda_models_without_the_flash_backend():
+def test_static_steps_refuse_the_flash_backend_and_torchrun(monkeypatch):
+    """The flash backend builds its own mask, which would let a step see the cache's last,
+    empty slot; under torchrun a shard's products end in collectives. Neither is graphed."""
+    import minirm.graphs as G
+
     model = Transformer(preset("debug", attention="flash")).eval()
+    assert not G.static_steps_apply(model)
     with torch.inference_mode():
         cache, _ = prefilled(model, PROMPTS, 2)
-        assert not can_graph(model, cache)  # on the CPU
+        with pytest.raises(ValueError, match="not flash"):
+            decoding_step(model, cache, graph=False)
         with pytest.raises(NotImplementedError, match="keeps its batch"):
             StaticKVCache(cache).rows(torch.tensor([0]))
+    sdpa = Transformer(preset("debug")).eval()
+    assert G.static_steps_apply(sdpa)
+    monkeypatch.setattr(G.dist, "is_initialized", lambda: True)
+    assert not G.static_steps_apply(sdpa)
+    with torch.inference_mode():
+        cache, _ = prefilled(sdpa, PROMPTS, 2)
+    assert not can_graph(sdpa, cache)  # and never on the CPU
 
 
 @CUDA

@@ -197,8 +197,11 @@ def test_shared_prompts_equal_whole_sequences(backend, checkpointing):
 
 def test_compiled_blocks_compute_what_eager_blocks_do():
     """compile_blocks() (train.py --compile): the same rewards and gradients as the eager model,
-    with activation checkpointing and padding, and the same weight names (checkpoints load)."""
+    with activation checkpointing and padding, through compiled graphs, and the same weight
+    names (checkpoints load). A pass with a cache (shared prompts) takes the plain blocks."""
     import copy
+
+    from torch._dynamo.utils import counters
 
     cfg = preset("debug", n_outputs=1)
     eager = Transformer(cfg).init_weights(seed=0).train()
@@ -206,16 +209,26 @@ def test_compiled_blocks_compute_what_eager_blocks_do():
     x = tokens(4, 24, 256, seed=5)
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[1, :5] = False  # left padding
+    graphs = counters["stats"]["unique_graphs"]
     results = []
     for model in (eager, compiled):
         model.activation_checkpointing = True
         rewards = model.reward(x, mask)
         (rewards * torch.tensor([[1.0], [-2.0], [0.5], [3.0]])).sum().backward()
         results.append((rewards.detach(), [p.grad for p in model.parameters()]))
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled model did compile
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     for got, want in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert list(compiled.state_dict()) == list(eager.state_dict())
+    prompts = (tokens(2, 6, 256, seed=6), torch.ones(2, 6, dtype=torch.bool),
+               torch.tensor([0, 1, 0, 1]))
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.reward(x, mask, prompts),
+                                   eager.reward(x, mask, prompts), atol=1e-5, rtol=1e-5)
+    # The prompts' pass and the continuations' (with the prompts' keys) compiled nothing.
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_reading_one_position_in_bfloat16():
