@@ -207,6 +207,9 @@ def build_parser():
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree (run under torchrun --nproc-per-node TP)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on a GPU, launch each decoding step's kernels one by one instead of "
+                        "replaying a CUDA graph")
     return p
 
 
@@ -255,7 +258,7 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     result = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k,
                       args.top_p, stop_ids=stop_ids, pad_id=tok.pad_id, generator=gen,
-                      progress=sys.stderr.isatty())
+                      progress=sys.stderr.isatty(), cuda_graphs=not args.no_cuda_graphs)
     if env_rank() == 0:
         print(tok.decode(result.token_lists(stop_ids=stop_ids)[0]))
 

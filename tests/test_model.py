@@ -584,3 +584,22 @@ def test_onednn_linear_is_f_linear_forward_and_backward(monkeypatch):
     monkeypatch.setenv("MINIRM_CPU_MATMUL", "mkl")
     with pytest.raises(UserError, match="MINIRM_CPU_MATMUL='mkl' is not a choice"):
         onednn.linear(x, weight)
+
+
+def test_generate_command_prints_the_greedy_continuation(tmp_path, capsys):
+    """python -m minirm.generate on a saved model: the greedy continuation generate() gives,
+    the same with --no-cuda-graphs (on a GPU the other way of running the steps)."""
+    from minirm import generate as G
+    from minirm.tokenizer import Tokenizer
+
+    tok = Tokenizer.byte_level()
+    model = Transformer(preset("debug")).init_weights(seed=4).eval()
+    folder = save_model(model, tmp_path / "lm", tok)
+    ids = tok.encode("ab")
+    want = generate(model, [ids], 6, pad_id=tok.pad_id).tokens[0].tolist()
+    printed = []
+    for extra in ([], ["--no-cuda-graphs"]):
+        G.main(["--model", str(folder), "--prompt", "ab", "--raw", "--max-new-tokens", "6",
+                "--device", "cpu", *extra])
+        printed.append(capsys.readouterr().out.strip("\n"))
+    assert printed[0] and printed[0] == printed[1] == tok.decode(want).strip("\n")
