@@ -69,12 +69,16 @@ class StaticKVCache(KVCache):
                                   "to drop rows")
 
 
+def takes_step_mask(model) -> bool:
+    """The model's attention takes the step's mask: the flash backend builds its own, which
+    would let the query see the last slot, empty until the cache is full."""
+    return all(layer.attention.backend != "flash" for layer in model.layers)
+
+
 def static_steps_apply(model) -> bool:
-    """The model's attention takes the step's mask (the flash backend builds its own, which
-    would let the query see the last slot, empty until the cache is full), and this process
-    is the only one (under torchrun, products of a shard end in collectives: not captured)."""
-    return (all(layer.attention.backend != "flash" for layer in model.layers)
-            and not (dist.is_available() and dist.is_initialized()))
+    """`takes_step_mask`, and this process is the only one (under torchrun, products of a
+    shard end in collectives: not captured)."""
+    return takes_step_mask(model) and not (dist.is_available() and dist.is_initialized())
 
 
 def can_graph(model, cache: KVCache) -> bool:
@@ -87,7 +91,7 @@ def decoding_step(model, cache: KVCache, graph: bool = True):
     """A function tok (B,) -> logits (B, vocab) for the position after `cache`, which each call
     advances by one slot, up to the cache's length. With `graph` and `can_graph`, the step is
     captured once and replayed; without, the same static step runs eagerly."""
-    if any(layer.attention.backend == "flash" for layer in model.layers):
+    if not takes_step_mask(model):
         raise ValueError("static decoding steps need an attention backend that takes the "
                          "step's mask (reference or sdpa), not flash")
     static = StaticKVCache(cache)
