@@ -39,7 +39,9 @@ Cases, on the `smollm2-135m` shape (`--quick`: the `debug` preset and tiny sizes
   `minirm.packed` on the CPU (the projections in whichever layout decodes faster on this
   machine: oneDNN-packed, or BLAS, stored transposed for one row and in MKL's packed form for
   several), chosen and packed by the warm-up call and reused, as by any caller that generates
-  more than once with the same weights.
+  more than once with the same weights. A second row for each batch times the decoding steps
+  compiled (`generate(compile=True)`, `minirm.graphs`), in turns with the first and
+  transformers; its warm-up call compiles.
 - `attention`: the three backends, forward + backward, causal, B = 1 with smollm2's heads (9
   query, 3 key/value, head_dim 64) in the model's (B, T, H, D) layout, at 512, 2048 and 4096
   tokens, against transformers' `sdpa_attention_forward`. Time, and peak memory: the most bytes
@@ -136,7 +138,7 @@ class Shapes:
 
 FULL = Shapes("smollm2-135m")
 QUICK = Shapes("debug", train=(2, 16), train_prompt=5, train_real=((3, 2, 9), (5, 1, 1)),
-               score=(4, 4, 16, 2), reinforce=((9, 7), 2, (1, 4)), prompt=4, new_tokens=4,
+               score=(4, 4, 16, 2), reinforce=((9, 7), 2, (1, 4)), prompt=4, new_tokens=8,
                gen_batches=(1, 2), heads=(4, 2, 8), attn_lens=(32, 64), matmul_n=128,
                matvec_n=256, gpu_train_preset="debug", gpu_train=(2, 16),
                gpu_decode_preset="debug", gpu_matmul_n=128, gpu_matvec_n=256)
@@ -162,9 +164,18 @@ def row(name, unit, ours, theirs=None, fraction=None, note=""):
 
 def timed(ours, theirs=None, repeats=5):
     """Median seconds of `ours()` and `theirs()`: one warm-up call each, then timed in turns."""
-    fns = [f for f in (ours, theirs) if f is not None]
+    medians, _ = timed_in_turns([f for f in (ours, theirs) if f is not None], repeats)
+    return medians[0], (medians[1] if theirs is not None else None)
+
+
+def timed_in_turns(fns, repeats=5):
+    """Median seconds of each of `fns` (one warm-up call each, then timed in turns), and the
+    seconds of each warm-up call."""
+    firsts = []
     for f in fns:
+        t0 = time.perf_counter()
         f()
+        firsts.append(time.perf_counter() - t0)
     times = [[] for _ in fns]
     gc.collect()
     gc.disable()  # no collection pauses inside a timed call (a full one takes ~0.1-1 s here)
@@ -176,8 +187,7 @@ def timed(ours, theirs=None, repeats=5):
                 t.append(time.perf_counter() - t0)
     finally:
         gc.enable()
-    medians = [statistics.median(t) for t in times]
-    return medians[0], (medians[1] if theirs is not None else None)
+    return [statistics.median(t) for t in times], firsts
 
 
 def peak_bytes(fn):
@@ -501,11 +511,14 @@ def case_generate(sh, tf, limits, repeats):
                                                    generator=gen).tolist()
         prompts = [random_tokens(cfg, 1, L, gen)[0].tolist() for L in lengths]
 
-        def ours():
-            out = generate(model, prompts, N, temperature=1.0, pad_id=cfg.pad_id, generator=gen)
-            assert out.tokens.shape == (B, N)
+        def ours_with(compile):
+            def ours():
+                out = generate(model, prompts, N, temperature=1.0, pad_id=cfg.pad_id,
+                               generator=gen, compile=compile)
+                assert out.tokens.shape == (B, N)
+            return ours
 
-        theirs = None
+        fns = [ours_with(False), ours_with(True)]
         if hf is not None:
             tokens, mask = left_pad(prompts, cfg.pad_id)
 
@@ -514,7 +527,9 @@ def case_generate(sh, tf, limits, repeats):
                                   max_new_tokens=N, temperature=1.0, top_k=0, top_p=1.0,
                                   pad_token_id=cfg.pad_id)
                 assert out.shape == (B, tokens.shape[1] + N)
-        t_ours, t_theirs = timed(ours, theirs, repeats)
+            fns.append(theirs)
+        (t_ours, t_compiled, *t_theirs), firsts = timed_in_turns(fns, repeats)
+        t_theirs = t_theirs[0] if t_theirs else None
         tps = [None if t is None else B * N / t for t in (t_ours, t_theirs)]
         fraction, note = None, f"{N} new tokens after {min(lengths)}..{max(lengths)}"
         if layout_in_use(model):
@@ -526,6 +541,11 @@ def case_generate(sh, tf, limits, repeats):
                 note += (f"; transformers at "
                          f"{weight_bytes * tps[1] / limits['bandwidth_bytes_per_s']:.0%}")
         rows.append(row(f"generate batch {B}", "new tokens/s", tps[0], tps[1], fraction, note))
+        compiled = B * N / t_compiled
+        rows.append(row(f"generate batch {B}, compiled steps", "new tokens/s", compiled,
+                        tps[1], fraction and fraction * compiled / tps[0],
+                        f"generate(compile=True); the first call, compiling, took "
+                        f"{firsts[1]:.0f} s"))
     return rows
 
 

@@ -22,6 +22,16 @@ from minirm.attention import attention, build_mask
 from minirm.config import ModelConfig, llama3_inv_freq
 
 
+def allow_recompiles(n: int):
+    """Let `torch.compile` compile each function up to `n` times (for the whole process) before
+    it falls back to running it eagerly: minirm compiles one function for several kinds of call."""
+    import torch._dynamo
+
+    config = torch._dynamo.config  # the limit's name before torch 2.7: cache_size_limit
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), n))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -94,8 +104,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all keys so far: (B, Hkv, S, head_dim)
-        out = attention(q, k, v, key_mask, backend=self.backend, block=self.block,
-                        allowed=allowed)
+        # A compiled decoding step's cache names the formula it compiles best (`minirm.graphs`).
+        backend = getattr(cache, "backend", None) or self.backend
+        out = attention(q, k, v, key_mask, backend=backend, block=self.block, allowed=allowed)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return packed[1](out) if packed else self.wo(out)
 
@@ -309,11 +320,7 @@ class Transformer(nn.Module):
         recompilations is raised to cover those; the first steps pay for compiling. Passes with
         a cache (shared prompts, decoding) keep the plain blocks: a cache looks up each layer's
         keys by its number, which compiled code would specialise once per layer."""
-        import torch._dynamo
-
-        config = torch._dynamo.config  # the limit's name before torch 2.7: cache_size_limit
-        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), 32))  # for the whole process
+        allow_recompiles(32)
         self._compiled = [torch.compile(layer, **options) for layer in self.layers]
         return self
 
@@ -373,8 +380,9 @@ class Transformer(nn.Module):
         positions = positions.clamp(min=0)  # left padding sits at position 0
         allowed = None
         if getattr(cache, "static", False):
-            # A step replayed as a CUDA graph (`minirm.graphs`): one token a row, which sees
-            # every real slot of the whole cache, its own included; no test that syncs.
+            # A static step (`minirm.graphs`: a CUDA graph's, or a compiled one): one token a
+            # row, which sees every real slot of the whole cache, its own included; no test
+            # that syncs.
             allowed = key_mask[:, None, None, :]
         elif key_mask is not None and bool(key_mask.all()):
             key_mask = None  # no padding at all: attention takes its causal fast paths

@@ -26,7 +26,8 @@ def test_json_structure(quick):
     assert set(quick["limits"]) == {"matmul_flops", "bandwidth_bytes_per_s"}
     assert all(v > 0 for v in quick["limits"].values())
     names = [c["name"] for c in quick["cases"]]
-    for prefix in ("train", "score", "reinforce log-probs", "generate batch 1", "generate batch 2",
+    for prefix in ("train", "score", "reinforce log-probs", "generate batch 1",
+                   "generate batch 1, compiled steps", "generate batch 2",
                    "attention reference", "attention flash", "attention sdpa"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     assert len(names) == len(set(names))

@@ -1,5 +1,6 @@
-"""Decoding steps for CUDA graphs (`minirm.graphs`): the static cache's numbers on the CPU, and
-the captured graph against the same steps run eagerly on a GPU (skipped without one)."""
+"""Static decoding steps (`minirm.graphs`): the static cache's numbers on the CPU, compiled
+steps on the CPU, and the captured CUDA graph against the same steps run eagerly on a GPU
+(skipped without one)."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from minirm.config import preset
 from minirm.generate import generate, left_pad
 from minirm.graphs import StaticKVCache, can_graph, decoding_step
 from minirm.model import KVCache, Transformer
+from minirm.packed import layout_in_use, packed_for_decoding
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = [[256, 5, 6, 7, 8, 9], [256, 9], [256, 40, 41]]
@@ -69,6 +71,73 @@ def test_static_steps_refuse_the_flash_backend_and_torchrun(monkeypatch):
     with torch.inference_mode():
         cache, _ = prefilled(sdpa, PROMPTS, 2)
     assert not can_graph(sdpa, cache)  # and never on the CPU
+
+
+def packable(seed=3):
+    """A model whose projections are large enough for `minirm.packed` (dim^2 >= MIN_WEIGHTS)."""
+    cfg = preset("debug", dim=384, n_heads=6, n_kv_heads=2, ffn_dim=1024, vocab_size=512)
+    return Transformer(cfg).init_weights(seed=seed).eval()
+
+
+@pytest.mark.parametrize("layout,rows", [("blas", None), ("blas", [0, 1, 0, 2]),
+                                         ("onednn", [0, 1, 0, 2])])
+def test_compiled_steps_equal_the_plain_cache(monkeypatch, layout, rows):
+    """Compiled static steps (`decoding_step(compile=True)`: attention as the reference formula,
+    the packed products as custom operators, for one row and for MKL's packed rows) give the
+    plain cache's logits to float32 rounding, and a cache of another length runs the same
+    compiled code."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("MINIRM_CPU_MATMUL", layout)
+    model = packable()
+    prompts = PROMPTS if rows else PROMPTS[:1]
+    new = torch.randint(3, 512, (len(rows or [0]), 4), generator=torch.Generator().manual_seed(4))
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode(), packed_for_decoding(model, rows=len(new)):
+        assert layout_in_use(model) == layout
+        for extra in (0, 3):
+            plain, _ = prefilled(model, prompts, new.shape[1] + extra, rows)
+            static, _ = prefilled(model, prompts, new.shape[1] + extra, rows)
+            step = decoding_step(model, static, graph=False, compile=True)
+            for t in range(new.shape[1]):
+                want = model(new[:, t:t + 1], None, plain)[:, -1]
+                torch.testing.assert_close(step(new[:, t]), want, atol=1e-5, rtol=1e-5)
+            if not extra:
+                compiled = counters["stats"]["unique_graphs"]
+                assert compiled > graphs
+    assert counters["stats"]["unique_graphs"] == compiled  # the slots are dynamic
+    assert torch.equal(static.mask, plain.mask) and torch.equal(static.lengths, plain.lengths)
+
+
+def test_generate_with_compiled_steps_samples_what_eager_decoding_samples(monkeypatch):
+    """generate(compile=True) on the CPU runs the compiled steps (the batch whole) and gives the
+    tokens, masks and ends of eager decoding, log-probs to float32 rounding, with stop ids and
+    repeated prompts; a batch over GRAPH_ROWS decodes eagerly."""
+    import minirm.generate as G
+    import minirm.graphs
+
+    calls = []
+    compiled = minirm.graphs.compiled_static_step
+    monkeypatch.setattr(minirm.graphs, "compiled_static_step",
+                        lambda: calls.append(1) or compiled())
+    model = packable(seed=2)
+    prompts = PROMPTS + [PROMPTS[0]]
+    free = generate(model, prompts, 10, pad_id=0)
+    stop = {int(free.tokens[0, 3]), int(free.tokens[2, 6])}
+    for kwargs in (dict(stop_ids=stop), dict(temperature=1.0, top_k=30)):
+        runs = [generate(model, prompts, 10, pad_id=0, compile=c,
+                         generator=torch.Generator().manual_seed(5), **kwargs)
+                for c in (False, True)]
+        assert torch.equal(runs[0].tokens, runs[1].tokens), kwargs
+        assert torch.equal(runs[0].mask, runs[1].mask) and torch.equal(runs[0].ended,
+                                                                       runs[1].ended)
+        torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=1e-4, rtol=0)
+        if "stop_ids" in kwargs:  # they ended some rows, not all
+            assert runs[1].ended.any() and not runs[1].ended.all()
+    assert len(calls) == 2
+    monkeypatch.setattr(G, "GRAPH_ROWS", 3)
+    generate(model, prompts, 10, pad_id=0, compile=True)
+    assert len(calls) == 2
 
 
 @CUDA

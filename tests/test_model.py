@@ -588,7 +588,10 @@ def test_onednn_linear_is_f_linear_forward_and_backward(monkeypatch):
 
 def test_generate_command_prints_the_greedy_continuation(tmp_path, capsys):
     """python -m minirm.generate on a saved model: the greedy continuation generate() gives,
-    the same with --no-cuda-graphs (on a GPU the other way of running the steps)."""
+    the same with --no-cuda-graphs (on a GPU the other way of running the steps) and with
+    --compile (the steps compiled: it compiles)."""
+    from torch._dynamo.utils import counters
+
     from minirm import generate as G
     from minirm.tokenizer import Tokenizer
 
@@ -596,10 +599,13 @@ def test_generate_command_prints_the_greedy_continuation(tmp_path, capsys):
     model = Transformer(preset("debug")).init_weights(seed=4).eval()
     folder = save_model(model, tmp_path / "lm", tok)
     ids = tok.encode("ab")
-    want = generate(model, [ids], 6, pad_id=tok.pad_id).tokens[0].tolist()
+    n = G.GRAPH_MIN_TOKENS  # enough tokens for static steps
+    want = generate(model, [ids], n, pad_id=tok.pad_id).tokens[0].tolist()
     printed = []
-    for extra in ([], ["--no-cuda-graphs"]):
-        G.main(["--model", str(folder), "--prompt", "ab", "--raw", "--max-new-tokens", "6",
+    graphs = counters["stats"]["unique_graphs"]
+    for extra in ([], ["--no-cuda-graphs"], ["--compile"]):
+        G.main(["--model", str(folder), "--prompt", "ab", "--raw", "--max-new-tokens", str(n),
                 "--device", "cpu", *extra])
         printed.append(capsys.readouterr().out.strip("\n"))
-    assert printed[0] and printed[0] == printed[1] == tok.decode(want).strip("\n")
+    assert counters["stats"]["unique_graphs"] > graphs
+    assert printed[0] and printed[0] == printed[1] == printed[2] == tok.decode(want).strip("\n")
