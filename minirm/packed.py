@@ -166,6 +166,11 @@ def mkl_packing() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
+def packs_rows(rows: int) -> bool:
+    """Whether the BLAS layout serves steps of `rows` rows with MKL's packed product."""
+    return 1 < rows <= PAD_ROWS and mkl_packing()
+
+
 def can_pack(model) -> bool:
     weight = model.tok_embeddings.weight
     from minirm.model import Linear
@@ -188,7 +193,7 @@ def _make(layout, rows):
     """The class of one product in `layout` for decoding steps of `rows` rows."""
     if layout == "onednn":
         return PackedLinear
-    if 1 < rows <= PAD_ROWS and mkl_packing():
+    if packs_rows(rows):
         return lambda *weights: RowsPackedLinear(rows, *weights)
     return TransposedLinear
 
@@ -217,7 +222,7 @@ def _fits(weights, layout, rows) -> bool:
     SmolLM2-135M)."""
     products = _products(*weights)
     packed_rows = isinstance(products[0], RowsPackedLinear)
-    if layout == "blas" and packed_rows != (1 < rows <= PAD_ROWS and mkl_packing()):
+    if layout == "blas" and packed_rows != packs_rows(rows):
         return False
     if packed_rows:
         for p in products:
