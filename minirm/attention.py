@@ -18,8 +18,8 @@ padding) give finite, unused outputs instead of NaN.
 
 What it simplifies, compared with the CUDA FlashAttention-2 kernel:
 - The kernel's parallel grid over query blocks becomes one batched matmul per step: a step takes
-  one key block against a tile of several query blocks (up to TILE_SCORES scores), for every
-  batch element and key/value head at once. The Python loop thus runs far fewer times than
+  one key block against a tile of several query blocks (TILE_SCORES bounds its scores), for
+  every batch element and key/value head at once. The Python loop thus runs far fewer times than
   once per pair of blocks, which is what makes it fast enough on a CPU.
 - Grouped-query attention: the G query heads that share a key/value head are stacked as the
   rows of one matrix (position-major: row t * G + g is position t of head g), so a step
@@ -144,34 +144,40 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-# Scores one step holds, over all batch elements and heads together (float32, 4 bytes each). It
-# sets how many query rows a step takes, and so bounds the working memory of both passes (the
-# backward holds two such tiles) whatever T and S are. At T = 2048 (B = 1, 8 heads, D = 64) on
-# CPU, 2**17 keeps forward + backward below SDPA's peak memory for ~8% more time than taller
-# tiles (fewer, larger matmuls) would take.
-TILE_SCORES = 2**17
+# Scores a pass holds at once, over all batch elements and heads together (float32, 4 bytes
+# each): the forward one tile of them, the backward two (S or P, and dP or dS), each of half as
+# many rows. It sets how many query rows a step takes, and so bounds the working memory of both
+# passes whatever T and S are. At T = 2048 (B = 1, 9 heads, D = 64) on CPU, 2**18 keeps forward +
+# backward below SDPA's peak memory for ~8% more time than taller tiles (fewer, larger matmuls)
+# would take in the backward; the forward's tiles, twice as tall as the backward's, took it
+# from 55 to 50 ms.
+TILE_SCORES = 2**18
 
 
-def _tile_rows(B, Hq, block):
-    """Query rows per step: whole key blocks' worth, at least one, within TILE_SCORES."""
-    return block * max(1, TILE_SCORES // (B * Hq * block * block))
+def _tile_rows(B, Hq, block, tiles=1):
+    """Query rows per step: whole key blocks' worth, at least one, with `tiles` score tiles of
+    that many rows within TILE_SCORES."""
+    return block * max(1, TILE_SCORES // (tiles * B * Hq * block * block))
 
 
 def _tiles(T, S, block, rows):
-    """The (query tile, key block) pairs that have anything to compute, key blocks outermost.
+    """The query tiles of `rows` rows, each with the key blocks it has anything to compute with.
 
-    Yields (a, b, c, j0, j1): query rows [a, b) against keys [j0, j1). Query i sits at key
-    position i + S - T, so a tile's rows before j0 would see none of these keys (they are in
-    its causal future) and are skipped; rows [a, c) sit inside the key block and need the causal
-    mask; rows [c, b) see the whole block.
+    Yields (i0, i1, steps): query rows [i0, i1), and steps (a, c, j0, j1) for keys [j0, j1),
+    key blocks in ascending order. Query i sits at key position i + S - T, so a tile's rows
+    before a would see none of these keys (they are in their causal future) and are skipped;
+    rows [a, c) sit inside the key block and need the causal mask; rows [c, i1) see the whole
+    block.
     """
     shift = S - T
-    for j0 in range(0, S, block):
-        j1 = min(j0 + block, S)
-        for i0 in range(0, T, rows):
-            a, b = max(i0, j0 - shift), min(i0 + rows, T)
-            if a < b:
-                yield a, b, max(a, min(b, j1 - shift)), j0, j1
+    for i0 in range(0, T, rows):
+        i1 = min(i0 + rows, T)
+        steps = []
+        for j0 in range(0, min(S, i1 + shift), block):
+            j1 = min(j0 + block, S)
+            a = max(i0, j0 - shift)
+            steps.append((a, max(a, min(i1, j1 - shift)), j0, j1))
+        yield i0, i1, steps
 
 
 def _by_group(x, Hkv):
@@ -207,44 +213,47 @@ def _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G):
 def _flash_forward(q, k, v, key_mask, block):
     """FlashAttention-2 forward (Alg. 1): online softmax over key blocks.
 
-    The CUDA kernel runs one thread block per query block, all in parallel; here a tile of query
-    blocks is one batched matmul over (batch, key/value heads). Key blocks are walked from last
-    to first, so each row's first step is the block holding its own position, which it always
-    sees: its running max is finite from the start (no NaN from padding).
-    Returns the output and the log-sum-exp per row, (B, Hkv, T, G).
+    As in the paper, query tiles are the outer loop and each keeps its running max m, sum l and
+    unnormalised output O to itself (the CUDA kernel runs one thread block per query block, all
+    in parallel; here a tile of query blocks is one batched matmul over (batch, key/value
+    heads)). Key blocks are walked from last to first, so each row's first step is the block
+    holding its own position, which it always sees: its running max is finite from the start
+    (no NaN from padding). Returns the output and the log-sum-exp per row, (B, Hkv, T, G).
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G, shift, scale = Hq // Hkv, S - T, 1 / math.sqrt(D)
     dt = torch.promote_types(q.dtype, torch.float32)                # accumulate in float32 at least
-    # All rows at once (a copy of q: the forward holds less than the backward's peak), with the
-    # 1/sqrt(d) folded in: Q K^T / sqrt(d) without a pass over every score tile to scale it.
-    Q = _rows(_by_group(q, Hkv), 0, T, dt, scale)                    # (B*Hkv, T*G, D)
+    Qg = _by_group(q, Hkv)                                           # a view; tiles convert
     K, V = k.reshape(B * Hkv, S, D).to(dt), v.reshape(B * Hkv, S, D).to(dt)
     masked_keys = None if key_mask is None else ~key_mask
     pos = torch.arange(S, device=q.device)
-    m = Q.new_full((B, Hkv, T, G), float("-inf"))                   # running row max
-    l = Q.new_zeros((B, Hkv, T, G))                                  # running row sum
-    # The running unnormalised output O is kept in the model's (B, T, Hq, D) layout, so the
-    # caller's transpose back to (B, T, Hq * D) is free, as after SDPA.
-    out = q.new_zeros((B, T, Hq, D), dtype=dt)
-    acc = _by_group(out.transpose(1, 2), Hkv)                        # (B, Hkv, T, G, D) view
-    for a, b, c, j0, j1 in reversed(list(_tiles(T, S, block, _tile_rows(B, Hq, block)))):
-        Q_i, K_j, V_j = Q[:, a * G:b * G], K[:, j0:j1], V[:, j0:j1]
-        s = torch.bmm(Q_i, K_j.transpose(1, 2))                      # S = Q_i K_j^T / sqrt(d)
-        _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G)
-        s = s.view(B, Hkv, b - a, G, j1 - j0)
-        m_old = m[:, :, a:b]
-        m_new = torch.maximum(m_old, s.amax(-1))                     # m = max(m_old, rowmax(S))
-        p = s.sub_(m_new[..., None]).exp_()                          # P~ = exp(S - m)
-        alpha = (m_old - m_new).exp_()                               # alpha = e^(m_old - m)
-        l[:, :, a:b].mul_(alpha).add_(p.sum(-1))                     # l = alpha l + rowsum(P~)
-        pv = torch.bmm(p.view(B * Hkv, -1, j1 - j0), V_j).view(B, Hkv, b - a, G, D)
-        acc[:, :, a:b].mul_(alpha[..., None]).add_(pv)               # O = alpha O + P~ V_j
-        m_old.copy_(m_new)
-        del s, p, pv  # free this step's scores before the next step allocates its own
-    acc.div_(l[..., None])                                           # O = diag(l)^-1 O
-    lse = m.add_(l.log_())                                           # L = m + log(l)
+    # The output is written in the model's (B, T, Hq, D) layout, so the caller's transpose back
+    # to (B, T, Hq * D) is free, as after SDPA.
+    out = q.new_empty((B, T, Hq, D), dtype=dt)
+    O = _by_group(out.transpose(1, 2), Hkv)                          # (B, Hkv, T, G, D) view
+    lse = q.new_empty((B, Hkv, T, G), dtype=dt)
+    for i0, i1, steps in _tiles(T, S, block, _tile_rows(B, Hq, block)):
+        # This tile's rows, with 1/sqrt(d) folded in: Q K^T / sqrt(d) without a pass over every
+        # score tile to scale it.
+        Q_i = _rows(Qg, i0, i1, dt, scale)                           # (B*Hkv, rows*G, D)
+        m = Q_i.new_full((*Q_i.shape[:2], 1), float("-inf"))         # running row max
+        l = Q_i.new_zeros((*Q_i.shape[:2], 1))                       # running row sum
+        acc = torch.zeros_like(Q_i)                                  # running O, unnormalised
+        for a, c, j0, j1 in reversed(steps):
+            r = slice((a - i0) * G, None)                            # the rows that see keys j0..
+            s = torch.bmm(Q_i[:, r], K[:, j0:j1].transpose(1, 2))   # S = Q_i K_j^T / sqrt(d)
+            _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G)
+            m_new = torch.maximum(m[:, r], s.amax(-1, keepdim=True))  # m = max(m_old, rowmax(S))
+            p = s.sub_(m_new).exp_()                                 # P~ = exp(S - m)
+            alpha = m[:, r].sub_(m_new).exp_()                       # alpha = e^(m_old - m)
+            l[:, r].mul_(alpha).add_(p.sum(-1, keepdim=True))        # l = alpha l + rowsum(P~)
+            acc[:, r].mul_(alpha).baddbmm_(p, V[:, j0:j1])           # O = alpha O + P~ V_j
+            m[:, r] = m_new
+            del s, p  # free this step's scores before the next step allocates its own
+        shape = (B, Hkv, i1 - i0, G)
+        O[:, :, i0:i1] = acc.div_(l).view(*shape, D)                # O = diag(l)^-1 O
+        lse[:, :, i0:i1] = m.add_(l.log_()).view(shape)             # L = m + log(l)
     return out.transpose(1, 2).to(q.dtype), lse
 
 
@@ -268,30 +277,27 @@ def _flash_backward(q, k, v, out, lse, dout, key_mask, block):
     pos = torch.arange(S, device=q.device)
     dq = q.new_zeros((B, T, Hq, D), dtype=dt)                        # the model's layout
     dQ, dK, dV = _by_group(dq.transpose(1, 2), Hkv), torch.zeros_like(K), torch.zeros_like(V)
-    # Query tiles outermost here, so that each tile's rows of Q and dO are gathered once (the
+    # Query tiles outermost here too, so that each tile's rows of Q and dO are gathered once (the
     # full copies would lift the peak over SDPA's); dK_j and dV_j are whole buffers anyway.
-    rows = _tile_rows(B, Hq, block)
-    tile = None
-    for a, b, c, j0, j1 in sorted(_tiles(T, S, block, rows), key=lambda t: (t[1], t[3])):
-        i0 = (b - 1) // rows * rows                                  # this query tile's first row
-        if tile is None or tile[0] != i0:
-            tile = None  # free the last tile's rows first
-            # Q's rows come scaled by 1/sqrt(d), as in the forward: S needs no scaling pass, and
-            # dS^T (Q_i / sqrt(d)) is dK_j's share with the scale already in.
-            tile = (i0, _rows(Q, i0, b, dt, scale), _rows(dO, i0, b, dt))
-        K_j, V_j = K[:, j0:j1], V[:, j0:j1]
-        Q_i, dO_i = tile[1][:, (a - i0) * G:], tile[2][:, (a - i0) * G:]
-        s = torch.bmm(Q_i, K_j.transpose(1, 2))                      # S = Q_i K_j^T / sqrt(d)
-        _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G)
-        p = s.sub_(lse[:, :, a:b].reshape(B * Hkv, -1, 1)).exp_()    # P = exp(S - L), in place
-        dV[:, j0:j1].baddbmm_(p.transpose(1, 2), dO_i)               # dV_j += P^T dO_i
-        dp = torch.bmm(dO_i, V_j.transpose(1, 2))                    # dP = dO V_j^T
-        ds = dp.sub_(Di[:, :, a:b].reshape(B * Hkv, -1, 1)).mul_(p)  # dS = P * (dP - D_i), in place
-        del s, p  # P's tile freed before dQ_i's is made: the peak stays under SDPA's
-        dQ_i = torch.bmm(ds, K_j).view(B, Hkv, b - a, G, D)
-        dQ[:, :, a:b].add_(dQ_i, alpha=scale)                        # dQ_i += dS K_j / sqrt(d)
-        del dQ_i
-        dK[:, j0:j1].baddbmm_(ds.transpose(1, 2), Q_i)               # dK_j += dS^T Q_i / sqrt(d)
-        del dp, ds  # free this step's tiles before the next step allocates its own
+    for i0, i1, steps in _tiles(T, S, block, _tile_rows(B, Hq, block, tiles=2)):
+        # Q's rows come scaled by 1/sqrt(d), as in the forward: S needs no scaling pass, and
+        # dS^T (Q_i / sqrt(d)) is dK_j's share with the scale already in.
+        Q_tile, dO_tile = _rows(Q, i0, i1, dt, scale), _rows(dO, i0, i1, dt)
+        for a, c, j0, j1 in steps:
+            K_j, V_j = K[:, j0:j1], V[:, j0:j1]
+            Q_i, dO_i = Q_tile[:, (a - i0) * G:], dO_tile[:, (a - i0) * G:]
+            s = torch.bmm(Q_i, K_j.transpose(1, 2))                  # S = Q_i K_j^T / sqrt(d)
+            _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G)
+            p = s.sub_(lse[:, :, a:i1].reshape(B * Hkv, -1, 1)).exp_()  # P = exp(S - L), in place
+            dV[:, j0:j1].baddbmm_(p.transpose(1, 2), dO_i)           # dV_j += P^T dO_i
+            dp = torch.bmm(dO_i, V_j.transpose(1, 2))                # dP = dO V_j^T
+            ds = dp.sub_(Di[:, :, a:i1].reshape(B * Hkv, -1, 1)).mul_(p)  # dS = P * (dP - D_i)
+            del s, p  # P's tile freed before dQ_i's is made: the peak stays under SDPA's
+            dQ_i = torch.bmm(ds, K_j).view(B, Hkv, i1 - a, G, D)
+            dQ[:, :, a:i1].add_(dQ_i, alpha=scale)                   # dQ_i += dS K_j / sqrt(d)
+            del dQ_i
+            dK[:, j0:j1].baddbmm_(ds.transpose(1, 2), Q_i)           # dK_j += dS^T Q_i / sqrt(d)
+            del dp, ds  # free this step's tiles before the next step allocates its own
+        del Q_tile, dO_tile  # free this tile's rows before the next tile gathers its own
     return (dq.transpose(1, 2).to(q.dtype), dK.view(k.shape).to(k.dtype),
             dV.view(v.shape).to(v.dtype))

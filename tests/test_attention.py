@@ -74,10 +74,12 @@ def test_backends_agree(name):
 
 @pytest.mark.parametrize("T, S", [(100, 100), (37, 50), (5, 20)])
 def test_flash_several_query_tiles(monkeypatch, T, S):
-    # Shrink the step budget to 2 query blocks x 4 rows x 4 keys for each of the B * Hq = 8
-    # heads, so that a step takes 8 query rows: many query tiles, the last one short.
-    monkeypatch.setattr(attention_module, "TILE_SCORES", 2 * 4 * 4 * 8)
-    assert attention_module._tile_rows(2, 4, 4) == 8
+    # Shrink the budget to 2 tiles of 2 query blocks x 4 rows x 4 keys for each of the
+    # B * Hq = 8 heads, so that a step of the backward takes 8 query rows and one of the forward
+    # 16: many query tiles, the last one short.
+    monkeypatch.setattr(attention_module, "TILE_SCORES", 2 * 2 * 4 * 4 * 8)
+    assert attention_module._tile_rows(2, 4, 4, tiles=2) == 8
+    assert attention_module._tile_rows(2, 4, 4) == 16
     q, k, v, dout = _inputs(2, 4, 2, T, S, 8)
     key_mask = _padding(2, S, "left")
     ref = _run("reference", q, k, v, dout, key_mask)
