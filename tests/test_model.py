@@ -10,8 +10,8 @@ from minirm.checkpoint import load_model, save_model
 from minirm.config import preset
 from minirm.data import collate, collate_pairs
 from minirm.generate import generate, left_pad
-from minirm.model import (KVCache, Transformer, apply_rope, last_token_index,
-                          rope_cos_sin)
+from minirm.model import (KVCache, RMSNorm, Transformer, _RMSNormCPU, apply_rope,
+                          last_token_index, rope_cos_sin)
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -42,6 +42,29 @@ def test_rope_is_the_rotate_half_formula():
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(got, x, dy)[0],
                                torch.autograd.grad(want, x, dy)[0], rtol=0, atol=1e-12)
+
+
+def test_rms_norm_gradient_written_out():
+    """The CPU training norm's hand-written backward: against finite differences in float64,
+    and in float32 against autograd through F.rms_norm (the norm outside training)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormCPU.apply(x, w, 1e-5), (x, w))
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+    x = torch.randn(4, 7, 64, generator=g, requires_grad=True)
+    dy = torch.randn(4, 7, 64, generator=g)
+    got = norm(x)
+    assert got.grad_fn.name() == "_RMSNormCPUBackward"
+    want = F.rms_norm(x, (64,), norm.weight, 1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, (x, norm.weight), dy),
+                    torch.autograd.grad(want, (x, norm.weight), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), want, rtol=0, atol=0)  # F.rms_norm itself
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
