@@ -78,7 +78,8 @@ class _RMSNormCPU(torch.autograd.Function):
         dim = weight.shape[0]
         t = dy * x_hat
         dw = t.reshape(-1, dim).sum(0) if ctx.needs_input_grad[1] else None
-        mean = (t @ weight).unsqueeze_(-1).div_(dim)                # mean(g * x^), (..., 1)
+        with torch.autocast("cpu", enabled=False):  # a backward called under autocast: float32
+            mean = (t @ weight).unsqueeze_(-1).div_(dim)            # mean(g * x^), (..., 1)
         # dx in t's memory: one activation-sized buffer fewer
         dx = torch.mul(dy, weight, out=t).addcmul_(x_hat, mean, value=-1).mul_(r)
         return dx, dw, None

@@ -60,9 +60,12 @@ def test_rms_norm_gradient_written_out():
     assert got.grad_fn.name() == "_RMSNormCPUBackward"
     want = F.rms_norm(x, (64,), norm.weight, 1e-5)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    for a, b in zip(torch.autograd.grad(got, (x, norm.weight), dy),
-                    torch.autograd.grad(want, (x, norm.weight), dy)):
+    expected = torch.autograd.grad(want, (x, norm.weight), dy)
+    for a, b in zip(torch.autograd.grad(got, (x, norm.weight), dy, retain_graph=True), expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a backward run inside autocast
+        for a, b in zip(torch.autograd.grad(got, (x, norm.weight), dy), expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(norm(x), want, rtol=0, atol=0)  # F.rms_norm itself
 
