@@ -18,8 +18,8 @@ padding) give finite, unused outputs instead of NaN.
 
 What it simplifies, compared with the CUDA FlashAttention-2 kernel:
 - The kernel's parallel grid over query blocks becomes one batched matmul per step: a step takes
-  one key block against a tile of several query blocks (TILE_SCORES bounds its scores), for
-  every batch element and key/value head at once. The Python loop thus runs far fewer times than
+  one key block (in the forward, up to a few that the whole tile sees) against a tile of query
+  blocks (TILE_SCORES bounds its scores), for every batch element and key/value head at once. The Python loop thus runs far fewer times than
   once per pair of blocks, which is what makes it fast enough on a CPU.
 - Grouped-query attention: the G query heads that share a key/value head are stacked as the
   rows of one matrix (position-major: row t * G + g is position t of head g), so a step
@@ -145,12 +145,14 @@ class _FlashAttention(torch.autograd.Function):
 
 
 # Scores a pass holds at once, over all batch elements and heads together (float32, 4 bytes
-# each): the forward one tile of them, the backward two (S or P, and dP or dS), each of half as
-# many rows. It sets how many query rows a step takes, and so bounds the working memory of both
-# passes whatever T and S are. At T = 2048 (B = 1, 9 heads, D = 64) on CPU, 2**18 keeps forward +
-# backward below SDPA's peak memory for ~8% more time than taller tiles (fewer, larger matmuls)
-# would take in the backward; the forward's tiles, twice as tall as the backward's, took it
-# from 55 to 50 ms.
+# each): the backward two tiles of them (S or P, and dP or dS), the forward one tile of twice
+# as many keys. It sets how many query rows and keys a step takes, and so bounds the working
+# memory of both passes whatever T and S are. At T = 2048 (B = 1, 9 heads, D = 64) on CPU,
+# 2**18 keeps forward + backward below SDPA's peak memory for ~8% more time than taller tiles
+# (fewer, larger matmuls) would take in the backward. The forward holds none of the gradients
+# (as many numbers as q, k and v) that the backward holds beside its tiles, so its larger tile
+# does not raise the peak of the two; there, steps of 3 key blocks instead of 1 took it from
+# 66 to 59 ms.
 TILE_SCORES = 2**18
 
 
@@ -160,23 +162,34 @@ def _tile_rows(B, Hq, block, tiles=1):
     return block * max(1, TILE_SCORES // (tiles * B * Hq * block * block))
 
 
-def _tiles(T, S, block, rows):
+def _span(B, Hq, rows, block):
+    """Keys per forward step for tiles of `rows` query rows: whole blocks, at least one, with
+    the step's scores within 2 * TILE_SCORES."""
+    return block * max(1, 2 * TILE_SCORES // (B * Hq * rows * block))
+
+
+def _tiles(T, S, block, rows, span=None):
     """The query tiles of `rows` rows, each with the key blocks it has anything to compute with.
 
     Yields (i0, i1, steps): query rows [i0, i1), and steps (a, c, j0, j1) for keys [j0, j1),
-    key blocks in ascending order. Query i sits at key position i + S - T, so a tile's rows
-    before a would see none of these keys (they are in their causal future) and are skipped;
-    rows [a, c) sit inside the key block and need the causal mask; rows [c, i1) see the whole
-    block.
+    in ascending order. Query i sits at key position i + S - T, so a tile's rows before a would
+    see none of these keys (they are in their causal future) and are skipped; rows [a, c) sit
+    inside the keys and need the causal mask; rows [c, i1) see them all. A step is one key
+    block, except that blocks every row of the tile sees whole (a == c == i0) are merged into
+    steps of up to `span` keys (default `block`: no merging).
     """
-    shift = S - T
+    shift, span = S - T, span or block
     for i0 in range(0, T, rows):
         i1 = min(i0 + rows, T)
         steps = []
         for j0 in range(0, min(S, i1 + shift), block):
             j1 = min(j0 + block, S)
             a = max(i0, j0 - shift)
-            steps.append((a, max(a, min(i1, j1 - shift)), j0, j1))
+            c = max(a, min(i1, j1 - shift))
+            if c == a and steps and steps[-1][0] == steps[-1][1] and j1 - steps[-1][2] <= span:
+                steps[-1] = (a, c, steps[-1][2], j1)                 # one more whole block
+            else:
+                steps.append((a, c, j0, j1))
         yield i0, i1, steps
 
 
@@ -233,7 +246,8 @@ def _flash_forward(q, k, v, key_mask, block):
     out = q.new_empty((B, T, Hq, D), dtype=dt)
     O = _by_group(out.transpose(1, 2), Hkv)                          # (B, Hkv, T, G, D) view
     lse = q.new_empty((B, Hkv, T, G), dtype=dt)
-    for i0, i1, steps in _tiles(T, S, block, _tile_rows(B, Hq, block)):
+    rows = _tile_rows(B, Hq, block)
+    for i0, i1, steps in _tiles(T, S, block, rows, _span(B, Hq, rows, block)):
         # This tile's rows, with 1/sqrt(d) folded in: Q K^T / sqrt(d) without a pass over every
         # score tile to scale it.
         Q_i = _rows(Qg, i0, i1, dt, scale)                           # (B*Hkv, rows*G, D)
@@ -269,10 +283,8 @@ def _flash_backward(q, k, v, out, lse, dout, key_mask, block):
     Hkv, S = k.shape[1], k.shape[2]
     G, shift, scale = Hq // Hkv, S - T, 1 / math.sqrt(D)
     dt = torch.promote_types(q.dtype, torch.float32)
-    Q, dO = _by_group(q, Hkv), _by_group(dout, Hkv)                  # views; tiles convert
+    Q, dO, O = _by_group(q, Hkv), _by_group(dout, Hkv), _by_group(out, Hkv)  # views
     K, V = k.reshape(B * Hkv, S, D).to(dt), v.reshape(B * Hkv, S, D).to(dt)
-    Di = (dout.to(dt) * out.to(dt)).sum(-1)                          # D_i = rowsum(dO * O)
-    Di = Di.reshape(B, Hkv, G, T).transpose(2, 3)                    # (B, Hkv, T, G)
     masked_keys = None if key_mask is None else ~key_mask
     pos = torch.arange(S, device=q.device)
     dq = q.new_zeros((B, T, Hq, D), dtype=dt)                        # the model's layout
@@ -283,21 +295,23 @@ def _flash_backward(q, k, v, out, lse, dout, key_mask, block):
         # Q's rows come scaled by 1/sqrt(d), as in the forward: S needs no scaling pass, and
         # dS^T (Q_i / sqrt(d)) is dK_j's share with the scale already in.
         Q_tile, dO_tile = _rows(Q, i0, i1, dt, scale), _rows(dO, i0, i1, dt)
+        Di = _rows(O, i0, i1, dt).mul_(dO_tile).sum(-1, keepdim=True)  # D_i = rowsum(dO * O)
+        L = lse[:, :, i0:i1].reshape(B * Hkv, -1, 1)                 # the tile's rows, as S's
         for a, c, j0, j1 in steps:
-            K_j, V_j = K[:, j0:j1], V[:, j0:j1]
-            Q_i, dO_i = Q_tile[:, (a - i0) * G:], dO_tile[:, (a - i0) * G:]
+            K_j, V_j, r = K[:, j0:j1], V[:, j0:j1], slice((a - i0) * G, None)
+            Q_i, dO_i = Q_tile[:, r], dO_tile[:, r]
             s = torch.bmm(Q_i, K_j.transpose(1, 2))                  # S = Q_i K_j^T / sqrt(d)
             _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G)
-            p = s.sub_(lse[:, :, a:i1].reshape(B * Hkv, -1, 1)).exp_()  # P = exp(S - L), in place
+            p = s.sub_(L[:, r]).exp_()                               # P = exp(S - L), in place
             dV[:, j0:j1].baddbmm_(p.transpose(1, 2), dO_i)           # dV_j += P^T dO_i
             dp = torch.bmm(dO_i, V_j.transpose(1, 2))                # dP = dO V_j^T
-            ds = dp.sub_(Di[:, :, a:i1].reshape(B * Hkv, -1, 1)).mul_(p)  # dS = P * (dP - D_i)
+            ds = dp.sub_(Di[:, r]).mul_(p)                           # dS = P * (dP - D_i)
             del s, p  # P's tile freed before dQ_i's is made: the peak stays under SDPA's
             dQ_i = torch.bmm(ds, K_j).view(B, Hkv, i1 - a, G, D)
             dQ[:, :, a:i1].add_(dQ_i, alpha=scale)                   # dQ_i += dS K_j / sqrt(d)
             del dQ_i
             dK[:, j0:j1].baddbmm_(ds.transpose(1, 2), Q_i)           # dK_j += dS^T Q_i / sqrt(d)
             del dp, ds  # free this step's tiles before the next step allocates its own
-        del Q_tile, dO_tile  # free this tile's rows before the next tile gathers its own
+        del Q_tile, dO_tile, Di  # free this tile's rows before the next tile gathers its own
     return (dq.transpose(1, 2).to(q.dtype), dK.view(k.shape).to(k.dtype),
             dV.view(v.shape).to(v.dtype))

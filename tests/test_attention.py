@@ -76,15 +76,38 @@ def test_backends_agree(name):
 def test_flash_several_query_tiles(monkeypatch, T, S):
     # Shrink the budget to 2 tiles of 2 query blocks x 4 rows x 4 keys for each of the
     # B * Hq = 8 heads, so that a step of the backward takes 8 query rows and one of the forward
-    # 16: many query tiles, the last one short.
+    # 16 rows by up to 8 keys: many query tiles, the last one short, and forward steps of two
+    # key blocks merged.
     monkeypatch.setattr(attention_module, "TILE_SCORES", 2 * 2 * 4 * 4 * 8)
     assert attention_module._tile_rows(2, 4, 4, tiles=2) == 8
     assert attention_module._tile_rows(2, 4, 4) == 16
+    assert attention_module._span(2, 4, 16, 4) == 8
     q, k, v, dout = _inputs(2, 4, 2, T, S, 8)
     key_mask = _padding(2, S, "left")
     ref = _run("reference", q, k, v, dout, key_mask)
     for a, b in zip(_run("flash", q, k, v, dout, key_mask, block=4), ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_tiles_cover_the_causal_keys():
+    # Query i (key position i + S - T) must meet keys 0..i + S - T exactly once, in steps that
+    # mask where they need to: rows [c, i1) of a step see all its keys, rows [a, c) sit among
+    # them, rows before a see none. Merged steps hold only blocks every row of the tile sees.
+    for T, S, block, rows, span in [(10, 10, 4, 4, None), (37, 50, 4, 8, 12), (5, 20, 4, 8, 16),
+                                    (64, 64, 8, 8, 24), (64, 64, 8, 16, 64)]:
+        seen = torch.zeros(T, S, dtype=torch.int)
+        for i0, i1, steps in attention_module._tiles(T, S, block, rows, span):
+            assert [j0 for _, _, j0, _ in steps] == sorted(j0 for _, _, j0, _ in steps)
+            for a, c, j0, j1 in steps:
+                assert i0 <= a <= c <= i1 and j1 - j0 <= (span or block)
+                if j1 - j0 > block:
+                    assert a == c == i0 and j1 - (S - T) <= i0
+                for i in range(a, i1):
+                    last = i + S - T if i < c else j1 - 1
+                    seen[i, j0:min(j1, last + 1)] += 1
+                    assert i >= c or j0 <= i + S - T < j1  # a masked row has its key inside
+        want = (torch.arange(S)[None] <= torch.arange(S - T, S)[:, None]).int()
+        assert torch.equal(seen, want), (T, S, block, rows, span)
 
 
 def test_non_contiguous_inputs():
