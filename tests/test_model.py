@@ -552,6 +552,54 @@ def test_sample_categorical_follows_the_distribution():
     assert (draws[:, 1] == 4).all()
 
 
+def test_sample_categorical_two_level_sum_is_the_whole_running_sum():
+    """The block sums and one block's running sum pick the index that the whole row's running
+    sum in float64 picks, unless the target lies within rounding (1e-6 of the total) of the
+    picked entry's edge (the block sums are float32): vocabularies that are and are not
+    multiples of the block, a fraction of the entries at zero probability (never picked),
+    unnormalised weights, and u at 0 and next to 1."""
+    from minirm.generate import CDF_BLOCK, sample_categorical
+
+    g = torch.Generator().manual_seed(0)
+    near = 0
+    for V in (5, CDF_BLOCK - 1, CDF_BLOCK, CDF_BLOCK + 1, 1000, 49152):
+        for spread in (1.0, 4.0, 12.0):
+            logits = torch.randn(16, V, generator=g) * spread
+            logits[:, torch.rand(V, generator=g) < 0.3] = float("-inf")
+            logits[:, V // 2] = 0.0  # every row keeps some mass
+            weights = (logits - logits.amax(-1, keepdim=True)).exp()
+            u = torch.rand(16, 1, generator=g, dtype=torch.float64)
+            u[0], u[1] = 0.0, 1 - 2**-53
+            got = sample_categorical(weights, u=u)
+            assert (weights.gather(1, got[:, None]) > 0).all()
+            cdf = weights.double().cumsum(-1)
+            target = u * cdf[:, -1:]
+            want = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=V - 1)
+            # The picked entry's span of the running sum, [lo, hi), holds the target, to within
+            # rounding; and where the target is clear of every edge, the pick is the same.
+            hi = cdf.gather(1, got[:, None])
+            lo = hi - weights.double().gather(1, got[:, None])
+            slack = 1e-6 * cdf[:, -1:]
+            assert ((lo - slack <= target) & (target < hi + slack)).all(), (V, spread)
+            w_hi = cdf.gather(1, want[:, None])
+            w_lo = w_hi - weights.double().gather(1, want[:, None])
+            clear = ((target - w_lo > slack) & (w_hi - target > slack))[:, 0]
+            assert torch.equal(got[clear], want[clear]), (V, spread)
+            near += int((~clear).sum())
+    assert near < 40  # the u next to 1, and few others
+
+
+def test_sampled_logprobs_are_log_softmax():
+    from minirm.generate import sample_next
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 3000, generator=g) * 5
+    for temperature in (1.0, 0.7):
+        tok, lp = sample_next(logits, temperature, generator=torch.Generator().manual_seed(2))
+        want = torch.log_softmax(logits / temperature, -1).gather(1, tok[:, None])[:, 0]
+        torch.testing.assert_close(lp, want, atol=2e-6, rtol=0)
+
+
 def test_onednn_linear_is_f_linear_forward_and_backward(monkeypatch):
     """minirm.onednn: the oneDNN products (forward, input and weight gradients, strided views
     included) give F.linear's numbers; a model step through them gives the same loss and
