@@ -19,8 +19,9 @@ padding) give finite, unused outputs instead of NaN.
 What it simplifies, compared with the CUDA FlashAttention-2 kernel:
 - The kernel's parallel grid over query blocks becomes one batched matmul per step: a step takes
   one key block (in the forward, up to a few that the whole tile sees) against a tile of query
-  blocks (TILE_SCORES bounds its scores), for every batch element and key/value head at once. The Python loop thus runs far fewer times than
-  once per pair of blocks, which is what makes it fast enough on a CPU.
+  blocks (TILE_SCORES bounds its scores), for every batch element and key/value head at once.
+  The Python loop thus runs far fewer times than once per pair of blocks, which is what makes
+  it fast enough on a CPU.
 - Grouped-query attention: the G query heads that share a key/value head are stacked as the
   rows of one matrix (position-major: row t * G + g is position t of head g), so a step
   multiplies each key/value block once per key/value head, in matmuls G times taller, and K and V
