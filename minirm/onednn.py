@@ -18,7 +18,8 @@ machine where oneDNN wins. Which library is faster depends on the processor: on 
 is 10-30% ahead, on Intel Xeon MKL is 5-30% ahead of oneDNN (benchmarks/README.md). So
 `faster_here()` times the two on a 1024^3 product, forward and weight-gradient layouts, once per
 process and thread count (~0.1 s), and oneDNN is used only when it is at least 5% faster. The
-environment variable MINIRM_CPU_MATMUL=onednn or =blas fixes the choice instead.
+environment variable MINIRM_CPU_MATMUL=onednn or =blas fixes the choice instead (=streamed fixes
+the decoding layout to minirm.streamed's kernel and leaves training to BLAS).
 The results agree with `F.linear` to float32 rounding (the sums are taken in another order;
 tests/test_model.py checks values and gradients).
 """
@@ -74,11 +75,12 @@ def fastest_of(calls, repeats=3):
 
 
 def forced() -> str | None:
-    """"onednn" or "blas" when MINIRM_CPU_MATMUL fixes the CPU products' library, else None."""
+    """"onednn", "blas" or "streamed" when MINIRM_CPU_MATMUL fixes the CPU products' library,
+    else None."""
     choice = os.environ.get("MINIRM_CPU_MATMUL", "auto")
-    if choice not in ("auto", "onednn", "blas"):
-        raise UserError(f"MINIRM_CPU_MATMUL={choice!r} is not a choice; set it to auto, onednn "
-                        "or blas, or unset it")
+    if choice not in ("auto", "onednn", "blas", "streamed"):
+        raise UserError(f"MINIRM_CPU_MATMUL={choice!r} is not a choice; set it to auto, onednn, "
+                        "blas or streamed, or unset it")
     return None if choice == "auto" else choice
 
 

@@ -3,16 +3,17 @@
 Decoding one token reads every weight once and does little arithmetic with it, so its speed is
 the speed at which the matrix-vector products stream weights from memory, and the fastest way to
 stream them depends on the processor. Inside `packed_for_decoding(model, rows)` the projections
-run in whichever of two layouts decodes faster on this machine, measured once per process. In
-both, the q, k and v projections become one matrix, and so do SwiGLU's gate and up projections
-(w1, w3): fewer and larger products, the same numbers (rows of a product are independent).
-Both are a copy, as large again as the projections and the output layer; the BLAS layout for
-2 to PAD_ROWS rows also keeps the fused q/k/v and gate/up matrices unpacked, for prefills.
+run in whichever of three layouts decodes faster on this machine, measured once per process. In
+all three, the q, k and v projections become one matrix, and so do SwiGLU's gate and up
+projections (w1, w3): fewer and larger products, the same numbers (rows of a product are
+independent). These are a copy, as large again as the projections and the output layer; the BLAS
+layout for 2 to PAD_ROWS rows also keeps the fused q/k/v and gate/up matrices unpacked, for
+prefills.
 
 - `onednn`: every projection, and the output layer, reordered into oneDNN's blocked layout
   (`torch.ops.mkldnn._reorder_linear_weight`). On AMD EPYC its matrix-vector kernel streams at
   close to the bandwidth limit where `F.linear` (MKL, tuned for long rows; a 576-wide row is
-  short) reaches about half; on Intel Xeon it is the faster of the two for 8 rows.
+  short) reaches about half.
 - `blas`: torch's BLAS (MKL in the x86 builds). For one row, and for more than PAD_ROWS, the
   weights stored transposed, (in, out) contiguous, and y = x @ W^T computed as x times that
   row-major matrix: on Intel Xeon MKL streams one row 20-30% faster than `F.linear` reads the
@@ -24,27 +25,34 @@ Both are a copy, as large again as the projections and the output layer; the BLA
   transposed weights and 39 in oneDNN's layout. (At 64 rows too the packed product is ahead,
   89 against 105 ms, but a REINFORCE rollout's batch shrinks as samples end, and each new
   number of rows would need a new pack.)
+- `streamed`: the weights in nn.Linear's own layout, multiplied by the hand-written kernel of
+  `minirm.streamed` for up to 16 rows (each weight read once for all rows, the next ones
+  prefetched), `F.linear` for more. On the Xeon it reads SmolLM2-135M's projections at 8 rows
+  in 31-34 ms against 39-42 for MKL's packed product, and one row about as fast as the BLAS
+  layout. It is offered where the kernel builds (a C++ compiler with OpenMP). A projection
+  that is one layer (the attention's and the feed-forward's output, the output layer) keeps
+  the model's own weight, not a copy.
 
 `choose` times the model's own decoding steps in each layout, several in a row as `generate`
 runs them (once per process, model shape, thread count and number of rows: ~1.5 s for
 SmolLM2-135M at 1 to 8 rows, longer for larger models and batches): timing the products alone,
 or steps alternating between the layouts, predicted the wrong layout for 8 rows on the Xeon.
-It holds one layout's copy at a time, never two. MINIRM_CPU_MATMUL=onednn or =blas fixes the
-choice instead. The chosen weights stay with the model for the next `generate` call, rebuilt
+It holds one layout's copy at a time, never two. MINIRM_CPU_MATMUL=onednn, =blas or =streamed
+fixes the choice instead. The chosen weights stay with the model for the next `generate` call, rebuilt
 when any weight has changed since (an optimizer step, a load); `release(model)` frees them,
 and a REINFORCE rollout or an evaluation during SFT calls it after generating, so the copy is
 not held through the optimizer's steps (packing SmolLM2-135M takes ~0.3 s, a small fraction of
 a rollout). It applies only where it can help and is exact: float32 weights on the CPU,
 plain `Linear` layers (not tensor-parallel shards), dim x dim of at least MIN_WEIGHTS, gradients
-off. Elsewhere the model runs as written. Both layouts agree with `F.linear` to float32
+off. Elsewhere the model runs as written. All layouts agree with `F.linear` to float32
 rounding (tests/test_model.py).
 
-Under `torch.compile` (a compiled decoding step, `minirm.graphs`) the two packed products are
-called as the custom operators `minirm::onednn_packed` and `minirm::mkl_packed`: inductor has
-lowerings of its own for the underlying calls, but they accept only weights that inductor
-packed itself while freezing a model. A custom operator is one opaque call for the compiler.
-Outside the compiler the calls go direct (a custom operator adds ~8 us a call in Python, ~1 ms
-over a SmolLM2 step's 121 products).
+Under `torch.compile` (a compiled decoding step, `minirm.graphs`) the products are called as
+the operators `minirm::onednn_packed`, `minirm::mkl_packed` and `minirm::streamed`
+(`minirm.ops`): inductor has lowerings of its own for the underlying packed calls, but they
+accept only weights that inductor packed itself while freezing a model; an operator is one
+opaque call for the compiler. Outside the compiler the calls go direct (an operator adds ~3 us
+a call in Python).
 """
 
 import math
@@ -55,7 +63,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minirm import onednn
+from minirm import onednn, streamed
+from minirm.errors import UserError
+from minirm.ops import opaque
+from minirm.streamed import StreamedLinear
 
 # Packing for a batch of 16 rows reads fastest here for 1 to 8 rows alike (measured on the
 # smollm2-135m shapes, 2 EPYC cores); the hint changes the blocking, never the result.
@@ -63,36 +74,25 @@ BATCH_HINT = 16
 # oneDNN's call costs ~15 us more than F.linear's, which only pays off for matrices of more than
 # ~100k weights; below MIN_WEIGHTS (a toy model's) the model runs unpacked.
 MIN_WEIGHTS = 2**17
-LAYOUTS = ("onednn", "blas")
+LAYOUTS = ("onednn", "blas", "streamed")
 # The BLAS layout uses MKL's packed product for 2 to PAD_ROWS rows. Up to here its products take
 # about as long as those of one row (Xeon, SmolLM2-135M's projections: 29-32 ms for 4 to 16 rows,
 # 50 for 32), so a pack serves fewer rows padded; for more rows each drop of the batch would
 # need a new pack (~0.2 s), where the transposed weights take any number of rows.
 PAD_ROWS = 16
-# `choose` times the layouts again when the slower is within this factor of the faster: on a
-# shared machine a burst of other work can bring both to the same time.
+# `choose` times the layouts again when the two fastest are within this factor: on a shared
+# machine a burst of other work can bring them to the same time.
 CLEAR_LEAD = 1.1
 
 
-@torch.library.custom_op("minirm::onednn_packed", mutates_args=())
-def _onednn_packed(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return onednn.product(x, packed)
-
-
-@_onednn_packed.register_fake
-def _(x, packed):
-    return x.new_empty(x.shape[0], packed.shape[0])
-
-
-@torch.library.custom_op("minirm::mkl_packed", mutates_args=())
-def _mkl_packed(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor,
-                rows: int) -> torch.Tensor:
-    return torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
-
-
-@_mkl_packed.register_fake
-def _(x, packed, weight, rows):
-    return x.new_empty(x.shape[0], weight.shape[0])
+# The packed products as opaque calls for torch.compile (minirm.ops).
+_onednn_packed = opaque(
+    "onednn_packed", "(Tensor x, Tensor packed) -> Tensor", onednn.product,
+    lambda x, packed: x.new_empty(x.shape[0], packed.shape[0]))
+_mkl_packed = opaque(
+    "mkl_packed", "(Tensor x, Tensor packed, Tensor weight, int rows) -> Tensor",
+    lambda x, packed, weight, rows: torch.ops.mkl._mkl_linear(x, packed, weight, None, rows),
+    lambda x, packed, weight, rows: x.new_empty(x.shape[0], weight.shape[0]))
 
 
 class PackedLinear:
@@ -189,10 +189,17 @@ def _versions(model):
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
+def layouts() -> list[str]:
+    """The layouts this machine offers: `streamed` where its kernel builds."""
+    return [name for name in LAYOUTS if name != "streamed" or streamed.available()]
+
+
 def _make(layout, rows):
     """The class of one product in `layout` for decoding steps of `rows` rows."""
     if layout == "onednn":
         return PackedLinear
+    if layout == "streamed":
+        return StreamedLinear
     if packs_rows(rows):
         return lambda *weights: RowsPackedLinear(rows, *weights)
     return TransposedLinear
@@ -279,18 +286,22 @@ def choose(model, rows: int, built: dict) -> str:
     the weights besides the model's own; the last one timed is left in `built`
     (name -> weights)."""
     if onednn.forced():
+        if onednn.forced() == "streamed" and not streamed.available():
+            raise UserError("MINIRM_CPU_MATMUL=streamed, but the kernel cannot be built here "
+                            f"({streamed.why_unavailable()}); unset it or set it to blas")
         return onednn.forced()
     cfg = model.cfg
     key = (cfg.dim, cfg.ffn_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size,
            model.score is None, torch.get_num_threads(), rows)
     if key not in _CHOSEN:
-        times = dict.fromkeys(LAYOUTS, math.inf)
+        times = dict.fromkeys(layouts(), math.inf)
         for _ in range(2):  # a second round only for a close call (or a burst of load)
-            for name in LAYOUTS:
+            for name in times:
                 built.clear()  # free the last copy before making the next
                 built[name] = _pack(model, name, rows)
                 times[name] = min(times[name], _fastest_step(model, built[name], rows))
-            if max(times.values()) > CLEAR_LEAD * min(times.values()):
+            first, second = sorted(times.values())[:2]
+            if second > CLEAR_LEAD * first:
                 break
         _CHOSEN[key] = min(times, key=times.get)
     return _CHOSEN[key]
@@ -326,7 +337,7 @@ def packed_for_decoding(model, rows: int = 1):
 
 
 def layout_in_use(model):
-    """The layout `packed_for_decoding` last used for `model` ("onednn" or "blas"), or None."""
+    """The layout `packed_for_decoding` last used for `model` (one of LAYOUTS), or None."""
     cached = getattr(model, "_packed_cache", None)
     return next(iter(cached[1]), None) if cached else None
 

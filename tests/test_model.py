@@ -399,15 +399,15 @@ def test_sampling_logprobs_are_those_of_the_filtered_distribution():
 
 
 def test_packed_decoding_matches_the_plain_model(monkeypatch):
-    """minirm.packed: both decoding layouts (fused projections, oneDNN-packed or, for 2 rows,
-    in MKL's packed form for torch's BLAS) give the plain model's logits, in prefill and cached
+    """minirm.packed: every decoding layout (fused projections, oneDNN-packed, for 2 rows in
+    MKL's packed form for torch's BLAS, or for the streamed kernel) gives the plain model's logits, in prefill and cached
     decode, tied and untied heads; a weight update is seen at the next call (the packed copy is
     rebuilt), and toy-sized models are left unpacked. Unforced, the layout is timed once and
     remembered, with never two copies of the weights alive while choosing."""
     from minirm import packed
 
     assert not packed.can_pack(Transformer(preset("toy")))
-    for tied, layout in ((True, "onednn"), (False, "onednn"), (True, "blas"), (False, "blas")):
+    for tied, layout in [(tied, layout) for layout in packed.layouts() for tied in (True, False)]:
         monkeypatch.setenv("MINIRM_CPU_MATMUL", layout)
         cfg = preset("debug", dim=384, ffn_dim=512, n_heads=6, n_kv_heads=2,
                      tie_embeddings=tied)
@@ -449,27 +449,33 @@ def test_packed_decoding_matches_the_plain_model(monkeypatch):
     monkeypatch.setattr(packed, "_pack", one_copy_at_a_time)
     with packed.packed_for_decoding(model, rows=3):
         chosen = packed.layout_in_use(model)
-    assert len(copies) >= len(packed.LAYOUTS) and model.layers[0].attention.packed is None
-    assert chosen in packed.LAYOUTS and list(packed._CHOSEN.values()) == [chosen]
+    assert len(copies) >= len(packed.layouts()) and model.layers[0].attention.packed is None
+    assert chosen in packed.layouts() and list(packed._CHOSEN.values()) == [chosen]
     monkeypatch.setattr(packed, "_pack", lambda *a: pytest.fail("packed again"))
     with packed.packed_for_decoding(model, rows=3):  # same weights, same rows: kept as it was
         assert packed.layout_in_use(model) == chosen
 
 
 def test_packed_choice_times_a_close_call_twice(monkeypatch):
-    """packed.choose: one round of timings when a layout leads by CLEAR_LEAD, a second when
-    the two are close, keeping each layout's fastest; the faster layout is chosen."""
+    """packed.choose: one round of timings when a layout leads the next fastest by CLEAR_LEAD,
+    a second when the two fastest are close, keeping each layout's fastest; the fastest layout
+    is chosen."""
     from minirm import packed
 
     cfg = preset("debug", dim=384, ffn_dim=512, n_heads=6, n_kv_heads=2)
     model = Transformer(cfg).init_weights(seed=0).eval()
     monkeypatch.delenv("MINIRM_CPU_MATMUL", raising=False)
-    for timings, rounds, chosen in (({"onednn": [2.0], "blas": [1.0]}, 1, "blas"),
-                                    ({"onednn": [1.0, 0.7], "blas": [1.05, 0.9]}, 2, "onednn")):
+    monkeypatch.setattr(packed, "layouts", lambda: list(packed.LAYOUTS))
+    kinds = {packed.PackedLinear: "onednn", packed.RowsPackedLinear: "blas",
+             packed.StreamedLinear: "streamed"}
+    for timings, rounds, chosen in (
+            ({"onednn": [2.0], "blas": [1.0], "streamed": [1.5]}, 1, "blas"),
+            ({"onednn": [1.0, 0.7], "blas": [1.05, 0.9], "streamed": [3.0, 3.0]}, 2, "onednn"),
+            ({"onednn": [1.0, 1.0], "blas": [1.2, 1.1], "streamed": [1.05, 0.8]}, 2, "streamed")):
         calls = []
 
         def timed(model, weights, rows, steps=5):
-            name = "onednn" if isinstance(weights[1], packed.PackedLinear) else "blas"
+            name = kinds[type(weights[1])]
             calls.append(name)
             return timings[name][sum(c == name for c in calls) - 1]
 

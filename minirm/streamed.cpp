@@ -1,0 +1,91 @@
+// y = x W^T for a few rows of x, reading each weight once for all of them (minirm/streamed.py).
+//
+// x: (rows, k), W: (n, k) as nn.Linear stores it, y: (rows, n); float32, contiguous.
+// Each thread takes pairs of W's rows (outputs o, o + 1) and, for up to 8 rows of x at a time,
+// keeps 2 x 8 running sums in vector registers while it walks k: one load of W serves every row
+// of x, and the two W rows give two independent chains of adds even for a single row of x. While
+// it reads one pair it asks the memory system for the next (a prefetch): without that, the
+// hardware brought W in at half the speed (measured on a 2-core Xeon, 8 rows: 14 -> 26 GB/s for
+// a 113 MB matrix).
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+constexpr int L = 16;  // floats in a vector register
+#else
+constexpr int L = 8;
+#endif
+typedef float vec __attribute__((vector_size(L * sizeof(float))));
+typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
+
+static inline vec load(const float* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof v);  // an unaligned vector load
+    return v;
+}
+
+// The sum of a vector's lanes, a few vector adds first: 16 scalar adds in a row took longer
+// than the loop over k they end.
+static inline float total(vec v) {
+    vec4 part[L / 4];
+    std::memcpy(part, &v, sizeof v);
+    vec4 s = part[0];
+    for (int i = 1; i < L / 4; i++) s += part[i];
+    return (s[0] + s[2]) + (s[1] + s[3]);
+}
+
+// y[r, o .. o + OB) for r < R, over the whole of k.
+template <int R, int OB>
+static inline void block(const float* x, const float* w, float* y, int64_t o, int64_t n,
+                         int64_t k) {
+    vec acc[R][OB] = {};
+    const float* next = w + (o + OB) * k;  // the next block's rows, contiguous after these
+    int64_t i = 0;
+    for (; i + L <= k; i += L) {
+        vec wv[OB];
+        for (int j = 0; j < OB; j++) wv[j] = load(w + (o + j) * k + i);
+        for (int j = 0; j < OB; j++) __builtin_prefetch(next + i * OB + j * L, 0, 3);
+        for (int r = 0; r < R; r++) {
+            vec xv = load(x + r * k + i);
+            for (int j = 0; j < OB; j++) acc[r][j] += wv[j] * xv;
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        for (int j = 0; j < OB; j++) {
+            float s = total(acc[r][j]);
+            for (int64_t t = i; t < k; t++) s += w[(o + j) * k + t] * x[r * k + t];
+            y[r * n + o + j] = s;
+        }
+    }
+}
+
+// All rows of x for outputs o .. o + OB, eight rows at a time (the block's W rows stay in the
+// first-level cache between the groups).
+template <int OB>
+static void outputs(const float* x, const float* w, float* y, int64_t o, int64_t rows,
+                    int64_t n, int64_t k) {
+    for (int64_t r = 0; r < rows; r += 8) {
+        const float* xr = x + r * k;
+        float* yr = y + r * n;
+        switch (rows - r < 8 ? rows - r : 8) {
+            case 1: block<1, OB>(xr, w, yr, o, n, k); break;
+            case 2: block<2, OB>(xr, w, yr, o, n, k); break;
+            case 3: block<3, OB>(xr, w, yr, o, n, k); break;
+            case 4: block<4, OB>(xr, w, yr, o, n, k); break;
+            case 5: block<5, OB>(xr, w, yr, o, n, k); break;
+            case 6: block<6, OB>(xr, w, yr, o, n, k); break;
+            case 7: block<7, OB>(xr, w, yr, o, n, k); break;
+            default: block<8, OB>(xr, w, yr, o, n, k); break;
+        }
+    }
+}
+
+extern "C" void minirm_streamed_product(const float* x, const float* w, float* y, int64_t rows,
+                                        int64_t n, int64_t k) {
+    // The threads are torch's own: this library links the OpenMP runtime torch has loaded, so
+    // torch.set_num_threads applies here too.
+    #pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < n / 2; p++) outputs<2>(x, w, y, 2 * p, rows, n, k);
+    if (n % 2) outputs<1>(x, w, y, n - 1, rows, n, k);
+}

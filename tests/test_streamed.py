@@ -1,0 +1,129 @@
+"""minirm.streamed: the hand-written product for decoding a few rows, against float64 products,
+its build and cache, its fallbacks, and decoding with it against the plain model."""
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minirm import packed, streamed
+from minirm.config import preset
+from minirm.errors import UserError
+from minirm.generate import generate
+from minirm.model import Transformer
+
+
+def test_the_kernel_builds_where_a_compiler_is():
+    """Where a C++ compiler is on PATH the kernel must build (a broken build would otherwise
+    only drop the layout, unseen)."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here")
+    assert streamed.available(), streamed.why_unavailable()
+
+
+needs_kernel = pytest.mark.skipif(not streamed.available(),
+                                  reason="the streamed kernel is not built here")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17])
+def test_product_is_x_times_w_transposed(rows):
+    """Every row count up to MAX_ROWS and past it (groups of 8 rows and a rest), an odd number
+    of outputs (the last one alone), widths that are and are not a multiple of the vector
+    length (a scalar tail), and a strided x: within float32 rounding of the float64 product.
+    Each output is summed by one thread in a fixed order, so one thread gives the same bits."""
+    g = torch.Generator().manual_seed(rows)
+    for n, k in ((1, 1), (7, 5), (33, 40), (96, 384), (31, 1537), (960, 576)):
+        x = torch.randn(rows, k, generator=g)
+        w = torch.randn(n, k, generator=g)
+        y = streamed.product(x, w)
+        exact = x.double() @ w.double().t()
+        bound = 1e-6 * (x.double().abs() @ w.double().abs().t()) + 1e-30
+        assert y.shape == (rows, n) and y.dtype == torch.float32
+        assert ((y.double() - exact).abs() <= bound).all(), (rows, n, k)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(streamed.product(x, w), y)
+        finally:
+            torch.set_num_threads(threads)
+    wide = torch.randn(rows, 2 * 384, generator=g)
+    w = torch.randn(96, 384, generator=g)
+    torch.testing.assert_close(streamed.product(wide[:, ::2], w), wide[:, ::2] @ w.t(),
+                               atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+def test_streamed_linear_splits_layers_and_leaves_long_blocks_to_f_linear(monkeypatch):
+    """StreamedLinear: one product for stacked layers, split back per layer, shaped like its
+    input; the kernel for up to MAX_ROWS rows and F.linear beyond (a prefill); a single layer's
+    weight is the model's own tensor, not a copy."""
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(96, 384, generator=g), torch.randn(32, 384, generator=g)
+    calls, product = [], streamed.product
+    monkeypatch.setattr(streamed, "product", lambda x, w: calls.append(len(x)) or product(x, w))
+    both = streamed.StreamedLinear(w1, w2)
+    for shape in ((1, 1), (4, 1), (2, 8), (3, 7)):
+        x = torch.randn(*shape, 384, generator=g)
+        y1, y2 = both(x)
+        assert y1.shape == (*shape, 96) and y2.shape == (*shape, 32)
+        torch.testing.assert_close(y1, F.linear(x, w1), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(y2, F.linear(x, w2), atol=1e-4, rtol=1e-5)
+    assert calls == [1, 4, 16]  # 21 rows went to F.linear
+    assert streamed.StreamedLinear(w1).weight.data_ptr() == w1.data_ptr()
+
+
+def test_build_caches_the_library_and_reports_a_failed_build(monkeypatch, tmp_path):
+    """The library is built once into MINIRM_CACHE and loaded from there after; a compiler
+    that fails leaves no file behind, and then the kernel is unavailable with the reason, the
+    layout is not offered, and forcing it is a clear error."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.setenv("MINIRM_CACHE", str(tmp_path))
+    streamed._build()
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    streamed._build()
+    assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+
+    broken = tmp_path / "broken"
+    monkeypatch.setenv("MINIRM_CACHE", str(broken))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(streamed, "_lib", None)
+    monkeypatch.setattr(streamed, "_why", None)
+    assert not streamed.available()
+    assert "false failed on streamed.cpp" in streamed.why_unavailable()
+    assert list(broken.iterdir()) == []
+    assert "streamed" not in packed.layouts()
+    monkeypatch.setenv("MINIRM_CPU_MATMUL", "streamed")
+    model = Transformer(preset("debug", dim=384, ffn_dim=512, n_heads=6,
+                               n_kv_heads=2)).init_weights(seed=0).eval()
+    with pytest.raises(UserError, match="MINIRM_CPU_MATMUL=streamed"):
+        with packed.packed_for_decoding(model, rows=2):
+            pass
+
+
+@needs_kernel
+def test_decoding_in_the_streamed_layout_samples_the_plain_models_tokens(monkeypatch):
+    """generate with the streamed layout, while rows end at unlike steps (the batch shrinks
+    from 5 rows), gives the plain model's tokens and ends, log-probs to float32 rounding."""
+    monkeypatch.setenv("MINIRM_CPU_MATMUL", "streamed")
+    cfg = preset("debug", dim=384, ffn_dim=512, n_heads=6, n_kv_heads=2)
+    model = Transformer(cfg).init_weights(seed=0).eval()
+    prompts = [[256, 5, 6, 7], [256, 9], [256, 1, 2], [256, 40, 41, 42, 43], [256, 7]]
+    stop = set(range(0, 259, 6))
+
+    def run():
+        return generate(model, prompts, 16, temperature=1.0, stop_ids=stop, pad_id=cfg.pad_id,
+                        generator=torch.Generator().manual_seed(3))
+
+    fast = run()
+    assert packed.layout_in_use(model) == "streamed"
+    monkeypatch.setattr(packed, "can_pack", lambda model: False)
+    plain = run()
+    assert torch.equal(fast.tokens, plain.tokens) and torch.equal(fast.ended, plain.ended)
+    assert len(set(plain.mask.sum(-1).tolist())) > 2
+    torch.testing.assert_close(fast.logprobs, plain.logprobs, atol=1e-4, rtol=1e-4)
