@@ -2,11 +2,11 @@
 //
 // x: (rows, k), W: (n, k) as nn.Linear stores it, y: (rows, n); float32, contiguous.
 // Each thread takes pairs of W's rows (outputs o, o + 1) and, for up to 8 rows of x at a time,
-// keeps 2 x 8 running sums in vector registers while it walks k: one load of W serves every row
-// of x, and the two W rows give two independent chains of adds even for a single row of x. While
-// it reads one pair it asks the memory system for the next (a prefetch): without that, the
-// hardware brought W in at half the speed (measured on a 2-core Xeon, 8 rows: 14 -> 26 GB/s for
-// a 113 MB matrix).
+// keeps 2 x 8 running sums in vector registers while it walks the columns (in chunks, below):
+// one load of W serves every row of x, and the two W rows give two independent chains of adds
+// even for a single row of x. While it reads one pair it asks the memory system for the next (a
+// prefetch): without that, the hardware brought W in at half the speed (measured on a 2-core
+// Xeon, 8 rows: 14 -> 26 GB/s for a 113 MB matrix).
 
 #include <cstdint>
 #include <cstring>
