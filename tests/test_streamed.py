@@ -127,3 +127,23 @@ def test_decoding_in_the_streamed_layout_samples_the_plain_models_tokens(monkeyp
     assert torch.equal(fast.tokens, plain.tokens) and torch.equal(fast.ended, plain.ended)
     assert len(set(plain.mask.sum(-1).tolist())) > 2
     torch.testing.assert_close(fast.logprobs, plain.logprobs, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_the_eight_lane_build_computes_the_same_product(monkeypatch, tmp_path):
+    """Built without AVX-512 (as on a processor with AVX2 only, or NEON), the kernel works on
+    8-lane vectors; its products are those of the float64 product too."""
+    if not streamed.available() or "avx512f" not in streamed._machine():
+        pytest.skip("the default build here is already the 8-lane one")
+    monkeypatch.setenv("MINIRM_CACHE", str(tmp_path))
+    monkeypatch.setattr(streamed, "FLAGS", streamed.FLAGS + ["-mno-avx512f"])
+    lib = streamed._build()
+    g = torch.Generator().manual_seed(1)
+    for rows, n, k in ((1, 33, 40), (8, 31, 1537), (11, 96, 384)):
+        x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+        y = torch.empty(rows, n)
+        lib.minirm_streamed_product(x.data_ptr(), w.data_ptr(), y.data_ptr(), rows, n, k)
+        exact = x.double() @ w.double().t()
+        bound = 1e-6 * (x.double().abs() @ w.double().abs().t())
+        assert ((y.double() - exact).abs() <= bound).all(), (rows, n, k)
+    assert not torch.equal(y, streamed.product(x, w))  # another order of sums: another build
