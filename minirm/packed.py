@@ -28,18 +28,18 @@ prefills.
 - `streamed`: the weights in nn.Linear's own layout, multiplied by the hand-written kernel of
   `minirm.streamed` for up to 16 rows (each weight read once for all rows, the next ones
   prefetched), `F.linear` for more. On the Xeon it reads SmolLM2-135M's projections at 8 rows
-  in 31-34 ms against 39-42 for MKL's packed product, and one row about as fast as the BLAS
+  in 30-34 ms against 38-42 for MKL's packed product, and one row about as fast as the BLAS
   layout. It is offered where the kernel builds (a C++ compiler with OpenMP). A projection
   that is one layer (the attention's and the feed-forward's output, the output layer) keeps
   the model's own weight, not a copy.
 
 `choose` times the model's own decoding steps in each layout, several in a row as `generate`
-runs them (once per process, model shape, thread count and number of rows: ~1.5 s for
-SmolLM2-135M at 1 to 8 rows, longer for larger models and batches): timing the products alone,
+runs them (once per process, model shape, thread count and number of rows: ~3 s for
+SmolLM2-135M at 1 or 8 rows, longer for larger models and batches): timing the products alone,
 or steps alternating between the layouts, predicted the wrong layout for 8 rows on the Xeon.
 It holds one layout's copy at a time, never two. MINIRM_CPU_MATMUL=onednn, =blas or =streamed
-fixes the choice instead. The chosen weights stay with the model for the next `generate` call, rebuilt
-when any weight has changed since (an optimizer step, a load); `release(model)` frees them,
+fixes the choice instead. The chosen weights stay with the model for the next `generate` call,
+rebuilt when any weight has changed since (an optimizer step, a load); `release(model)` frees them,
 and a REINFORCE rollout or an evaluation during SFT calls it after generating, so the copy is
 not held through the optimizer's steps (packing SmolLM2-135M takes ~0.3 s, a small fraction of
 a rollout). It applies only where it can help and is exact: float32 weights on the CPU,
