@@ -32,7 +32,8 @@ needs_kernel = pytest.mark.skipif(not streamed.available(),
 def test_product_is_x_times_w_transposed(rows):
     """Every row count up to MAX_ROWS and past it (groups of 8 rows and a rest), an odd number
     of outputs (the last one alone), widths that are and are not a multiple of the vector
-    length (a scalar tail), and a strided x: within float32 rounding of the float64 product.
+    length (a scalar tail), a strided x, and empty sums: within float32 rounding of the float64
+    product.
     Each output is summed by one thread in a fixed order, so one thread gives the same bits."""
     g = torch.Generator().manual_seed(rows)
     for n, k in ((1, 1), (7, 5), (33, 40), (96, 384), (31, 1537), (960, 576)):
@@ -49,6 +50,9 @@ def test_product_is_x_times_w_transposed(rows):
             assert torch.equal(streamed.product(x, w), y)
         finally:
             torch.set_num_threads(threads)
+    empty = streamed.product(torch.ones(rows, 0), torch.ones(5, 0))
+    assert torch.equal(empty, torch.zeros(rows, 5))
+    assert streamed.product(torch.ones(0, 7), torch.ones(5, 7)).shape == (0, 5)
     wide = torch.randn(rows, 2 * 384, generator=g)
     w = torch.randn(96, 384, generator=g)
     torch.testing.assert_close(streamed.product(wide[:, ::2], w), wide[:, ::2] @ w.t(),
