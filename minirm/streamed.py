@@ -11,11 +11,12 @@ thread walks pairs of weight rows once, keeps the running sums of up to 8 activa
 vector registers, and prefetches the next pair while it reads this one.
 
 The kernel is compiled on first use with the machine's C++ compiler ($CXX, else `c++`; flags
--O3 -march=native -fopenmp) into a cache folder ($MINIRM_CACHE, else ~/.cache/minirm), ~1 s once
-per machine, and loaded with ctypes. It links the OpenMP runtime that torch has loaded, so it
-runs on torch's threads (`torch.set_num_threads`). Where it cannot be built (no compiler, no
-OpenMP) `available()` is False and decoding keeps the other layouts of `minirm.packed`; the
-reason is in `why_unavailable()`. Its sums are taken in another order than BLAS's, so results
+-O3 -march=native -fopenmp) into a cache folder ($MINIRM_CACHE, else ~/.cache/minirm, or the
+temporary folder where that is read-only), ~1 s once per machine, and loaded with ctypes. It
+links the OpenMP runtime that torch has loaded, so it runs on torch's threads
+(`torch.set_num_threads`). Where it cannot be built (no compiler, no OpenMP) `available()` is
+False and decoding keeps the other layouts of `minirm.packed`; the reason is in
+`why_unavailable()`. Its sums are taken in another order than BLAS's, so results
 agree with `F.linear` to float32 rounding (tests/test_streamed.py).
 
 Under `torch.compile` (a compiled decoding step, `minirm.graphs`) it runs as the operator
@@ -53,6 +54,14 @@ def _cache_dir() -> Path:
     return Path(base) / "minirm"
 
 
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
 def _machine() -> str:
     """The processor's feature flags: -march=native compiles for them, so a cache folder shared
     between machines keeps one library per kind of processor."""
@@ -74,8 +83,12 @@ def _build() -> ctypes.CDLL:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
                                      _machine().encode()])).hexdigest()[:16]
+    name = f"streamed-{key}.so"
     folder = _cache_dir()
-    path = folder / f"streamed-{key}.so"
+    if not (folder / name).exists() and not _writable(folder):
+        user = os.getuid() if hasattr(os, "getuid") else 0
+        folder = Path(tempfile.gettempdir()) / f"minirm-{user}"  # a read-only home
+    path = folder / name
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         # Built under a temporary name and renamed: processes starting together (torchrun's

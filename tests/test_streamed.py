@@ -3,6 +3,7 @@ its build and cache, its fallbacks, and decoding with it against the plain model
 
 import os
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -80,9 +81,10 @@ def test_streamed_linear_splits_layers_and_leaves_long_blocks_to_f_linear(monkey
 
 
 def test_build_caches_the_library_and_reports_a_failed_build(monkeypatch, tmp_path):
-    """The library is built once into MINIRM_CACHE and loaded from there after; a compiler
-    that fails leaves no file behind, and then the kernel is unavailable with the reason, the
-    layout is not offered, and forcing it is a clear error."""
+    """The library is built once into MINIRM_CACHE and loaded from there after, or into the
+    temporary folder where that folder cannot be made; a compiler that fails leaves no file
+    behind, and then the kernel is unavailable with the reason, the layout is not offered, and
+    forcing it is a clear error."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler here")
     monkeypatch.setenv("MINIRM_CACHE", str(tmp_path))
@@ -92,6 +94,13 @@ def test_build_caches_the_library_and_reports_a_failed_build(monkeypatch, tmp_pa
     stamp = built[0].stat().st_mtime_ns
     streamed._build()
     assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+
+    blocked = tmp_path / "a-file"  # a cache folder that cannot be made: the temporary one
+    blocked.write_text("")
+    monkeypatch.setenv("MINIRM_CACHE", str(blocked / "cache"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    streamed._build()
+    assert [p.suffix for p in (tmp_path / "tmp").glob("minirm-*/*")] == [".so"]
 
     broken = tmp_path / "broken"
     monkeypatch.setenv("MINIRM_CACHE", str(broken))
