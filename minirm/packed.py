@@ -28,7 +28,7 @@ prefills.
 - `streamed`: the weights in nn.Linear's own layout, multiplied by the hand-written kernel of
   `minirm.streamed` for up to 16 rows (each weight read once for all rows, the next ones
   prefetched), `F.linear` for more. On the Xeon it reads SmolLM2-135M's projections at 8 rows
-  in 30-34 ms against 38-42 for MKL's packed product, and one row about as fast as the BLAS
+  in 28-34 ms against 38-42 for MKL's packed product, and one row about as fast as the BLAS
   layout. It is offered where the kernel builds (a C++ compiler with OpenMP). A projection
   that is one layer (the attention's and the feed-forward's output, the output layer) keeps
   the model's own weight, not a copy.

@@ -6,7 +6,7 @@ does only 2B floating-point operations per weight it reads: the products are bou
 the weights stream from memory, not by arithmetic. MKL's products for 2 to 16 rows (packed or
 not) stream them at 55-80% of the speed of its product for a single row: on a 2-core Xeon,
 one pass over SmolLM2-135M's projections at 8 rows took 38-42 ms in MKL's packed form, 54-59 ms
-with `F.linear`, and 30-34 ms with this kernel (`minirm/streamed.cpp`, ~90 lines of C++): each
+with `F.linear`, and 28-34 ms with this kernel (`minirm/streamed.cpp`, ~90 lines of C++): each
 thread walks blocks of four weight rows once, keeps the running sums of up to 8 activation rows
 in vector registers, and prefetches the next block while it reads this one.
 
