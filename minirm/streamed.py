@@ -10,10 +10,8 @@ with `F.linear`, and 28-34 ms with this kernel (`minirm/streamed.cpp`, ~90 lines
 thread walks blocks of four weight rows once, keeps the running sums of up to 8 activation rows
 in vector registers, and prefetches the next block while it reads this one.
 
-The kernel is compiled on first use with the machine's C++ compiler ($CXX, else `c++`; flags
--O3 -march=native -fopenmp) into a cache folder ($MINIRM_CACHE, else ~/.cache/minirm, or the
-temporary folder where that is read-only), ~1 s once per machine, and loaded with ctypes. It
-links the OpenMP runtime that torch has loaded, so it runs on torch's threads
+The kernel is compiled on first use with the machine's C++ compiler and loaded with ctypes
+(`minirm.native`: ~1 s once per machine, cached). It runs on torch's threads
 (`torch.set_num_threads`). Where it cannot be built (no compiler, no OpenMP) `available()` is
 False and decoding keeps the other layouts of `minirm.packed`; the reason is in
 `why_unavailable()`. Its sums are taken in another order than BLAS's, so results
@@ -25,107 +23,30 @@ goes direct.
 """
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from minirm.native import Library
 from minirm.ops import opaque
 
-SOURCE = Path(__file__).with_name("streamed.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # Up to here the kernel reads the weights once for all rows; a longer block (a prefill) goes
 # to F.linear, whose blocked product reuses each weight across many rows in cache.
 MAX_ROWS = 16
 
-_lib = None
-_why = None
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("MINIRM_CACHE"):
-        return Path(os.environ["MINIRM_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "minirm"
-
-
-def _writable(folder: Path) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK)
-
-
-def _machine() -> str:
-    """The processor's feature flags: -march=native compiles for them, so a cache folder shared
-    between machines keeps one library per kind of processor."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    import platform
-    return platform.machine() + platform.processor()
-
-
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler ({compiler!r}) on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
-                                     _machine().encode()])).hexdigest()[:16]
-    name = f"streamed-{key}.so"
-    folder = _cache_dir()
-    if not (folder / name).exists() and not _writable(folder):
-        user = os.getuid() if hasattr(os, "getuid") else 0
-        folder = Path(tempfile.gettempdir()) / f"minirm-{user}"  # a read-only home
-    path = folder / name
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        # Built under a temporary name and renamed: processes starting together (torchrun's
-        # ranks) never load a half-written library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-        os.close(fd)
-        try:
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp],
-                                  capture_output=True, text=True)
-            if done.returncode:
-                last = (done.stderr.strip().splitlines() or ["?"])[-1]
-                raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {last}")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    lib = ctypes.CDLL(str(path))
-    fn = lib.minirm_streamed_product
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-    fn.restype = None
-    return lib
+LIBRARY = Library("streamed.cpp", {
+    "minirm_streamed_product": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3,
+})
 
 
 def available() -> bool:
     """Whether the kernel is built and loaded here (built on the first call)."""
-    global _lib, _why
-    if _lib is None and _why is None:
-        try:
-            _lib = _build()
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            _why = str(e)
-    return _lib is not None
+    return LIBRARY.available()
 
 
 def why_unavailable() -> str | None:
     """Why the kernel could not be built here (the compiler's last line), or None."""
-    return None if available() else _why
+    return LIBRARY.why_unavailable()
 
 
 def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -134,12 +55,12 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         "the streamed product takes float32 CPU tensors"
     assert x.shape[1] == weight.shape[1], f"x is {tuple(x.shape)}, W is {tuple(weight.shape)}"
     if not available():
-        raise RuntimeError(f"the streamed product is not available here: {_why}")
+        raise RuntimeError(f"the streamed product is not available here: {why_unavailable()}")
     if x.numel() == 0 or weight.numel() == 0:  # nothing to sum: zeros, or an empty y
         return x.new_zeros(x.shape[0], weight.shape[0])
     x, weight = x.contiguous(), weight.contiguous()
     y = x.new_empty(x.shape[0], weight.shape[0])
-    _lib.minirm_streamed_product(x.data_ptr(), weight.data_ptr(), y.data_ptr(),
+    LIBRARY.lib.minirm_streamed_product(x.data_ptr(), weight.data_ptr(), y.data_ptr(),
                                  x.shape[0], weight.shape[0], weight.shape[1])
     return y
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minirm import packed, streamed
+from minirm import native, packed, streamed
 from minirm.config import preset
 from minirm.errors import UserError
 from minirm.generate import generate
@@ -88,25 +88,25 @@ def test_build_caches_the_library_and_reports_a_failed_build(monkeypatch, tmp_pa
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler here")
     monkeypatch.setenv("MINIRM_CACHE", str(tmp_path))
-    streamed._build()
+    streamed.LIBRARY.load()
     built = list(tmp_path.iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
-    streamed._build()
+    streamed.LIBRARY.load()
     assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
 
     blocked = tmp_path / "a-file"  # a cache folder that cannot be made: the temporary one
     blocked.write_text("")
     monkeypatch.setenv("MINIRM_CACHE", str(blocked / "cache"))
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    streamed._build()
+    streamed.LIBRARY.load()
     assert [p.suffix for p in (tmp_path / "tmp").glob("minirm-*/*")] == [".so"]
 
     broken = tmp_path / "broken"
     monkeypatch.setenv("MINIRM_CACHE", str(broken))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
-    monkeypatch.setattr(streamed, "_lib", None)
-    monkeypatch.setattr(streamed, "_why", None)
+    monkeypatch.setattr(streamed.LIBRARY, "lib", None)
+    monkeypatch.setattr(streamed.LIBRARY, "why", None)
     assert not streamed.available()
     assert "false failed on streamed.cpp" in streamed.why_unavailable()
     assert list(broken.iterdir()) == []
@@ -146,11 +146,11 @@ def test_decoding_in_the_streamed_layout_samples_the_plain_models_tokens(monkeyp
 def test_the_eight_lane_build_computes_the_same_product(monkeypatch, tmp_path):
     """Built without AVX-512 (as on a processor with AVX2 only, or NEON), the kernel works on
     8-lane vectors; its products are those of the float64 product too."""
-    if not streamed.available() or "avx512f" not in streamed._machine():
+    if not streamed.available() or "avx512f" not in native.machine():
         pytest.skip("the default build here is already the 8-lane one")
     monkeypatch.setenv("MINIRM_CACHE", str(tmp_path))
-    monkeypatch.setattr(streamed, "FLAGS", streamed.FLAGS + ["-mno-avx512f"])
-    lib = streamed._build()
+    monkeypatch.setattr(streamed.LIBRARY, "flags", native.FLAGS + ["-mno-avx512f"])
+    lib = streamed.LIBRARY.load()
     g = torch.Generator().manual_seed(1)
     for rows, n, k in ((1, 33, 40), (8, 31, 1537), (11, 96, 384)):
         x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)

@@ -1,0 +1,126 @@
+"""minirm's C++ kernels, built on first use with the machine's own compiler and loaded with
+ctypes: the streamed decoding product (`minirm/streamed.cpp`) and the element-wise parts of a
+block for the CPU (`minirm/fused.cpp`).
+
+Each source is compiled with $CXX (else `c++`) and -O3 -march=native -fopenmp, ~1 s once per
+machine, into a cache folder: $MINIRM_CACHE, else ~/.cache/minirm, or a folder in the temporary
+directory where that one is read-only. The library's name carries a hash of the source, the
+flags, the compiler's version and the processor's features, so an edited source, another
+compiler or a cache folder shared by unlike machines never loads a stale build. A library links
+the OpenMP runtime that torch has loaded, so its loops run on torch's threads
+(`torch.set_num_threads`).
+
+Where a source cannot be built (no compiler, no OpenMP) its `Library.available()` is False, the
+reason is in `why_unavailable()`, and minirm runs the same computation with torch's own
+operators.
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MINIRM_CACHE"):
+        return Path(os.environ["MINIRM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minirm"
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def machine() -> str:
+    """The processor's feature flags: -march=native compiles for them, so a cache folder shared
+    between machines keeps one library per kind of processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.machine() + platform.processor()
+
+
+def build(source: Path, flags=None) -> ctypes.CDLL:
+    """Compile `source` into a shared library (or find it in the cache) and load it; raises
+    RuntimeError with the compiler's last line when that fails."""
+    flags = FLAGS if flags is None else flags
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r}) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(flags).encode(),
+                                     version.encode(), machine().encode()])).hexdigest()[:16]
+    name = f"{source.stem}-{key}.so"
+    folder = cache_dir()
+    if not (folder / name).exists() and not _writable(folder):
+        user = os.getuid() if hasattr(os, "getuid") else 0
+        folder = Path(tempfile.gettempdir()) / f"minirm-{user}"  # a read-only home
+    path = folder / name
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        # Built under a temporary name and renamed: processes starting together (torchrun's
+        # ranks) never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *flags, str(source), "-o", tmp],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                last = (done.stderr.strip().splitlines() or ["?"])[-1]
+                raise RuntimeError(f"{compiler} failed on {source.name}: {last}")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return ctypes.CDLL(str(path))
+
+
+class Library:
+    """A source file's library, built on the first `available()` (or `get()`); `functions` maps
+    each exported C function to its argument types, set on the loaded library."""
+
+    def __init__(self, source: str, functions: dict):
+        self.source = Path(__file__).with_name(source)
+        self.functions = functions
+        self.flags = FLAGS
+        self.lib = None
+        self.why = None
+
+    def load(self) -> ctypes.CDLL:
+        """Build and load now (whether or not an earlier try failed); raises RuntimeError."""
+        lib = build(self.source, self.flags)
+        for name, argtypes in self.functions.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
+        return lib
+
+    def available(self) -> bool:
+        """Whether the library is built and loaded here (built on the first call)."""
+        if self.lib is None and self.why is None:
+            try:
+                self.lib = self.load()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                self.why = str(e)
+        return self.lib is not None
+
+    def why_unavailable(self) -> str | None:
+        """Why the library could not be built here (the compiler's last line), or None."""
+        return None if self.available() else self.why
+
+    def reset(self):
+        """Forget the loaded library or the failure, so that the next call builds again."""
+        self.lib = self.why = None
