@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from minirm import onednn
+from minirm import fused, onednn
 from minirm.attention import attention, build_mask
 from minirm.config import ModelConfig, llama3_inv_freq
 
@@ -42,6 +42,8 @@ class RMSNorm(nn.Module):
         # x * rsqrt(mean(x^2) + eps) * weight. F.rms_norm is that formula in one kernel
         # (fewer calls per token; a decoding step on a GPU is mostly small kernels).
         if x.dtype == torch.float32:
+            if fused.applies(x):  # forward and backward in one pass each (minirm.fused)
+                return fused.rms_norm(x, self.weight, self.eps)
             if (x.device.type == "cpu" and torch.is_grad_enabled()
                     and not torch.compiler.is_compiling()):
                 return _RMSNormCPU.apply(x, self.weight, self.eps)
@@ -100,7 +102,10 @@ def apply_rope(x, cos, signed_sin):
     The rotate-half form (Hugging Face's layout) is x * cos + rotate_half(x) * sin, where
     rotate_half maps the halves (x1, x2) to (-x2, x1). Here rotate_half(x) * sin is computed as
     x with its halves swapped (a roll by head_dim / 2) times the sin with its first half
-    negated: two kernels instead of three (chunk, neg, cat), forward and backward."""
+    negated: two kernels instead of three (chunk, neg, cat), forward and backward. On the CPU
+    in float32 it is one kernel each way (`minirm.fused`)."""
+    if fused.applies(x):
+        return fused.rope(x, cos, signed_sin)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
@@ -192,7 +197,10 @@ class FeedForward(nn.Module):
         if packed:
             gate, up = packed[0](x)
             return packed[1](F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w1(x), self.w3(x)
+        if fused.applies(gate):  # forward and backward in one pass each (minirm.fused)
+            return self.w2(fused.swiglu(gate, up))
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):

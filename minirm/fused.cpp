@@ -1,0 +1,205 @@
+// The element-wise parts of a block, forward and backward, one pass over memory each
+// (minirm/fused.py): SwiGLU's silu(g) * u and rotary embeddings. float32, contiguous.
+//
+// Written with the compiler's vector types (16 lanes with AVX-512, else 8) and an exp of our
+// own, so that no -ffast-math is needed for a vector exp. Each function splits its rows over
+// torch's OpenMP threads.
+
+#include <cstdint>
+#include <cstring>
+
+#include <omp.h>
+
+#if defined(__AVX512F__)
+constexpr int L = 16;  // floats in a vector register
+#else
+constexpr int L = 8;
+#endif
+typedef float vec __attribute__((vector_size(L * sizeof(float))));
+typedef int32_t ivec __attribute__((vector_size(L * sizeof(int32_t))));
+
+static inline vec load(const float* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+static inline vec splat(float a) { return vec{} + a; }
+
+// e^x to about one unit in the last place: x = n ln2 + r with |r| <= ln2 / 2, e^r by its
+// degree-6 polynomial (the Cephes coefficients), 2^n put in the exponent bits. Inputs are
+// clamped to where the result is a normal float.
+static inline vec vexp(vec x) {
+    x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
+    x = x > splat(-87.3365447505531f) ? x : splat(-87.3365447505531f);
+    // n = round(x / ln2), by adding 1.5 * 2^23: the sum's low bits are then n.
+    const vec magic = splat(12582912.0f);
+    vec t = x * splat(1.44269504088896341f) + magic;
+    vec n = t - magic;
+    vec r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);  // ln2 in two parts
+    vec p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * r * r + r + splat(1.0f);
+    ivec bits = (ivec)t - (ivec)magic;       // n, as an integer
+    ivec scale = (bits + 127) << 23;         // 2^n
+    return p * (vec)scale;
+}
+
+static inline vec sigmoid(vec g) { return splat(1.0f) / (splat(1.0f) + vexp(-g)); }
+
+// The range [begin, end) of n items that thread t of `threads` takes, in whole vectors.
+static inline void share(int64_t n, int64_t& begin, int64_t& end) {
+    const int threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t vectors = (n + L - 1) / L;
+    begin = vectors * t / threads * L;
+    end = vectors * (t + 1) / threads * L;
+    if (end > n) end = n;
+}
+
+// h = silu(g) * u = g sigmoid(g) u, over n floats.
+extern "C" void minirm_swiglu(const float* g, const float* u, float* h, int64_t n) {
+    #pragma omp parallel
+    {
+        int64_t i, end;
+        share(n, i, end);
+        for (; i + L <= end; i += L) {
+            vec gv = load(g + i);
+            store(h + i, gv * sigmoid(gv) * load(u + i));
+        }
+        for (; i < end; i++) {  // the tail, in a vector padded with zeros
+            vec gv = {}, uv = {};
+            gv[0] = g[i];
+            uv[0] = u[i];
+            h[i] = (gv * sigmoid(gv) * uv)[0];
+        }
+    }
+}
+
+// The gradients of h = silu(g) * u for an upstream dh, with s = sigmoid(g):
+//   du = dh silu(g) = dh g s,   dg = dh u s (1 + g (1 - s))   (silu's derivative).
+extern "C" void minirm_swiglu_backward(const float* g, const float* u, const float* dh,
+                                       float* dg, float* du, int64_t n) {
+    #pragma omp parallel
+    {
+        int64_t i, end;
+        share(n, i, end);
+        auto step = [](vec gv, vec uv, vec dv, vec& dgv, vec& duv) {
+            vec s = sigmoid(gv);
+            duv = dv * gv * s;
+            dgv = dv * uv * s * (splat(1.0f) + gv * (splat(1.0f) - s));
+        };
+        for (; i + L <= end; i += L) {
+            vec dgv, duv;
+            step(load(g + i), load(u + i), load(dh + i), dgv, duv);
+            store(dg + i, dgv);
+            store(du + i, duv);
+        }
+        for (; i < end; i++) {
+            vec gv = {}, uv = {}, dv = {}, dgv, duv;
+            gv[0] = g[i];
+            uv[0] = u[i];
+            dv[0] = dh[i];
+            step(gv, uv, dv, dgv, duv);
+            dg[i] = dgv[0];
+            du[i] = duv[0];
+        }
+    }
+}
+
+// Rotary embeddings in the rotate-half layout, for x (rows, heads, d) and the cos and signed
+// sin of each row's position (rows, d), the sin's first half negated:
+//   y[j] = x[j] cos[j] + x[(j + d/2) % d] sin[j].
+// With sign = -1 it rotates back, which is the gradient: dx = dy cos - roll(dy) sin.
+extern "C" void minirm_rope(const float* x, const float* cos, const float* sin, float* y,
+                            int64_t rows, int64_t heads, int64_t d, float sign) {
+    const int64_t half = d / 2;
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float* c = cos + r * d;
+        const float* s = sin + r * d;
+        for (int64_t h = 0; h < heads; h++) {
+            const float* xr = x + (r * heads + h) * d;
+            float* yr = y + (r * heads + h) * d;
+            int64_t j = 0;
+            if (half % L == 0) {
+                for (; j < half; j += L) {
+                    vec lo = load(xr + j), hi = load(xr + half + j);
+                    vec slo = load(s + j) * sign, shi = load(s + half + j) * sign;
+                    store(yr + j, lo * load(c + j) + hi * slo);
+                    store(yr + half + j, hi * load(c + half + j) + lo * shi);
+                }
+            } else {
+                for (; j < d; j++) yr[j] = xr[j] * c[j] + xr[(j + half) % d] * s[j] * sign;
+            }
+        }
+    }
+}
+
+static inline float total(vec v) {
+    float s = 0;
+    for (int i = 0; i < L; i++) s += v[i];
+    return s;
+}
+
+// RMSNorm of each row of x (rows, d) with gain w: y = x r w, r = (mean(x^2) + eps)^-1/2,
+// keeping r (rows) for the backward.
+extern "C" void minirm_rms_norm(const float* x, const float* w, float* y, float* r,
+                                int64_t rows, int64_t d, float eps) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < rows; row++) {
+        const float* xr = x + row * d;
+        float* yr = y + row * d;
+        vec acc = {};
+        int64_t j = 0;
+        for (; j + L <= d; j += L) acc += load(xr + j) * load(xr + j);
+        float squares = total(acc);
+        for (; j < d; j++) squares += xr[j] * xr[j];
+        const float rr = 1.0f / __builtin_sqrtf(squares / d + eps);
+        r[row] = rr;
+        for (j = 0; j + L <= d; j += L) store(yr + j, load(xr + j) * rr * load(w + j));
+        for (; j < d; j++) yr[j] = xr[j] * rr * w[j];
+    }
+}
+
+// RMSNorm's gradients for an upstream dy, with x^ = x r and g = dy w:
+//   dx = r (g - x^ mean(g x^)),   dw = sum over rows of dy x^.
+// Each of the `threads` threads sums dw over its rows into its own row of dw_parts
+// (threads, d); the caller adds those up.
+extern "C" void minirm_rms_norm_backward(const float* x, const float* w, const float* r,
+                                         const float* dy, float* dx, float* dw_parts,
+                                         int64_t rows, int64_t d, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        float* dw = dw_parts + t * d;
+        for (int64_t j = 0; j < d; j++) dw[j] = 0;
+        for (int64_t row = rows * t / n; row < rows * (t + 1) / n; row++) {
+            const float* xr = x + row * d;
+            const float* dyr = dy + row * d;
+            float* dxr = dx + row * d;
+            const float rr = r[row];
+            vec acc = {};
+            int64_t j = 0;
+            for (; j + L <= d; j += L) acc += load(dyr + j) * load(w + j) * load(xr + j);
+            float dot = total(acc);
+            for (; j < d; j++) dot += dyr[j] * w[j] * xr[j];
+            const float mean = dot * rr / d;  // mean(g x^)
+            for (j = 0; j + L <= d; j += L) {
+                vec xh = load(xr + j) * rr, dv = load(dyr + j);
+                store(dxr + j, (dv * load(w + j) - xh * mean) * rr);
+                store(dw + j, load(dw + j) + dv * xh);
+            }
+            for (; j < d; j++) {
+                const float xh = xr[j] * rr;
+                dxr[j] = (dyr[j] * w[j] - xh * mean) * rr;
+                dw[j] += dyr[j] * xh;
+            }
+        }
+    }
+}
