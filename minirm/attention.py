@@ -8,7 +8,9 @@ the same function (tests/test_attention.py proves it to 1e-5, forward and backwa
 - `flash`: FlashAttention-2 (Dao, 2023) in plain PyTorch tensor ops. Keys are visited one block
   at a time with an online softmax (Alg. 1) and the backward recomputes the scores block by
   block from the saved log-sum-exp (Alg. 2), so neither pass ever holds a T x S score matrix.
-- `sdpa`: torch.nn.functional.scaled_dot_product_attention, PyTorch's fused kernels.
+- `sdpa`: torch.nn.functional.scaled_dot_product_attention, PyTorch's fused kernels. On the
+  CPU, float32 rows without padding go to minirm's own kernel instead (`minirm/attention.cpp`,
+  below `_sdpa`): flash's two passes in C++, 1.7x faster than SDPA's at 8 x 256 tokens.
 
 Positions. The T queries are the last T of the S keys: query i sits at key position S - T + i.
 One rule thus covers a plain forward (T == S), a prefill after a KV cache, and one-token decode
@@ -33,10 +35,13 @@ What it simplifies, compared with the CUDA FlashAttention-2 kernel:
 - No dropout, no sliding window, no soft-capping: Llama-3 uses none of them.
 """
 
+import ctypes
 import math
 
 import torch
 import torch.nn.functional as F
+
+from minirm.native import Library
 
 BACKENDS = ("reference", "flash", "sdpa")
 
@@ -112,12 +117,58 @@ def _sdpa(q, k, v, key_mask, allowed=None):
     T, S = q.shape[2], k.shape[2]
     if key_mask is None and T == S:
         # The fast path. is_causal aligns the mask top-left, which equals ours only when T == S.
+        if _kernel_applies(q, k):
+            return _CausalCPU.apply(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if key_mask is None and T == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # decode sees every key
     if allowed is None:
         allowed = build_mask(key_mask, T, S, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+
+
+# The CPU kernel of the sdpa backend's fast path: causal rows without padding, float32, head
+# sizes 64 and 128. FlashAttention-2's two passes (the forward keeps only the output and each
+# row's log-sum-exp; the backward recomputes the scores), written in C++ with whole rows of
+# scores per block of queries (`minirm/attention.cpp`). At SmolLM2-135M's training shape (8 x 256
+# tokens, 9 query heads on 3 key/value heads) on a 2-core Xeon, forward + backward took
+# 11.5 ms against 19.2 for torch's SDPA.
+KERNEL = Library("attention.cpp", {
+    "minirm_attention": [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5,
+    "minirm_attention_backward": [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5,
+})
+
+
+def _kernel_applies(q, k):
+    return (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
+            and q.shape[-1] in (64, 128) and q.shape[2] > 0
+            and not torch.compiler.is_compiling() and KERNEL.available())
+
+
+class _CausalCPU(torch.autograd.Function):
+    """q (B, H, T, D), k and v (B, Hkv, T, D): views of the model's (B, T, heads, D) tensors,
+    which the kernel reads as they are stored (the transposes back make no copies there)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        B, T, H, D = q.shape
+        out, lse = torch.empty_like(q), q.new_empty(B, H, T)
+        KERNEL.lib.minirm_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                    lse.data_ptr(), B, T, H, k.shape[2], D)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.transpose(1, 2).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        B, T, H, D = q.shape
+        KERNEL.lib.minirm_attention_backward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            dout.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, T, H, k.shape[2], D)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------- flash

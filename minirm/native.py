@@ -1,6 +1,6 @@
 """minirm's C++ kernels, built on first use with the machine's own compiler and loaded with
-ctypes: the streamed decoding product (`minirm/streamed.cpp`) and the element-wise parts of a
-block for the CPU (`minirm/fused.cpp`).
+ctypes: the streamed decoding product (`minirm/streamed.cpp`), the element-wise parts of a
+block for the CPU (`minirm/fused.cpp`) and causal attention for the CPU (`minirm/attention.cpp`).
 
 Each source is compiled with $CXX (else `c++`) and -O3 -march=native -fopenmp, ~1 s once per
 machine, into a cache folder: $MINIRM_CACHE, else ~/.cache/minirm, or a folder in the temporary

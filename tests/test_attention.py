@@ -3,6 +3,8 @@ gradients, float32, 1e-5), against numbers worked out by hand, and for the memor
 flash backend (nothing of size T x S is saved or built)."""
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -273,3 +275,69 @@ def test_rejects_bad_arguments():
         attention(q, k, v, torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(AssertionError, match="last T"):
         attention(q, k[:, :, :2], v[:, :, :2])
+
+
+# ------------------------------------------------------------- the sdpa backend's CPU kernel
+
+needs_kernel = pytest.mark.skipif(not attention_module.KERNEL.available(),
+                                  reason="the attention kernel is not built here")
+
+
+def test_the_cpu_kernel_builds_where_a_compiler_is():
+    """Where a C++ compiler is on PATH the kernel must build (else the sdpa backend would
+    quietly keep torch's slower kernel)."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here")
+    assert attention_module.KERNEL.available(), attention_module.KERNEL.why_unavailable()
+
+
+def _check_kernel():
+    # (B, Hq, Hkv, T, D): one position; lengths that are not a multiple of the kernel's blocks
+    # (16 rows, or 8 with AVX2); groups of 1, 2 and 3 query heads; both head sizes.
+    for B, Hq, Hkv, T, D in ((1, 1, 1, 1, 64), (2, 4, 2, 5, 64), (2, 6, 3, 17, 128),
+                             (1, 2, 1, 40, 64), (3, 9, 3, 33, 64), (1, 4, 4, 300, 128)):
+        q, k, v, dout = _inputs(B, Hq, Hkv, T, T, D, seed=T)
+        # The model's layout: (B, T, heads, D) tensors, seen as (B, heads, T, D).
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+        got = _run("sdpa", q, k, v, dout)
+        exact = _run("reference", *(x.double() for x in (q, k, v, dout)))
+        for what, a, b in zip(("out", "dq", "dk", "dv"), got, exact):
+            torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5,
+                                       msg=f"{what} at {(B, Hq, Hkv, T, D)}")
+
+
+@needs_kernel
+def test_the_cpu_kernel_is_attention():
+    """Forward and backward through the kernel, against the reference formula in float64."""
+    _check_kernel()
+
+
+@needs_kernel
+def test_the_eight_lane_kernel_is_attention(monkeypatch, tmp_path):
+    """Built without AVX-512 (8-lane vectors, blocks of 8 rows), the kernel passes the same
+    checks."""
+    from minirm import native
+
+    if "avx512f" not in native.machine():
+        pytest.skip("the default build here is already the 8-lane one")
+    monkeypatch.setenv("MINIRM_CACHE", str(tmp_path))
+    kernel = attention_module.KERNEL
+    monkeypatch.setattr(kernel, "flags", native.FLAGS + ["-mno-avx512f"])
+    monkeypatch.setattr(kernel, "lib", kernel.load())
+    _check_kernel()
+
+
+@needs_kernel
+def test_sdpa_takes_the_kernel_only_where_it_applies():
+    """float32 CPU rows without padding and head sizes 64 and 128 go to the kernel; padding,
+    a KV cache's prefill (T < S), other head sizes and float64 stay with torch's SDPA."""
+    def node(B, Hq, Hkv, T, S, D, dtype=torch.float32, key_mask=None):
+        q, k, v, _ = _inputs(B, Hq, Hkv, T, S, D, dtype=dtype)
+        return attention(q.requires_grad_(), k, v, key_mask, backend="sdpa").grad_fn.name()
+
+    assert node(2, 4, 2, 8, 8, 64) == "_CausalCPUBackward"
+    assert node(2, 4, 2, 8, 8, 128) == "_CausalCPUBackward"
+    assert node(2, 4, 2, 8, 8, 64, key_mask=_padding(2, 8, "left")) != "_CausalCPUBackward"
+    assert node(2, 4, 2, 4, 8, 64) != "_CausalCPUBackward"
+    assert node(2, 4, 2, 8, 8, 32) != "_CausalCPUBackward"
+    assert node(2, 4, 2, 8, 8, 64, dtype=torch.float64) != "_CausalCPUBackward"

@@ -1,0 +1,295 @@
+// Causal attention for the CPU, forward and backward (minirm/attention.py, the sdpa backend's
+// kernel for float32 rows without padding): FlashAttention's two passes, with whole rows.
+//
+// q, o, dout, dq: (B, T, H, D); k, v, dk, dv: (B, T, Hkv, D); lse: (B, H, T); float32,
+// contiguous. Query head h reads key/value head h / (H / Hkv). Query i sees keys 0 .. i.
+//
+// Forward, for each block of QB query rows of one head: the scores S = Q K^T / sqrt(D) of every
+// key the block sees (QB x T floats, which stay in the second-level cache), the exact softmax
+// of each row (its max and sum at once: the row is whole, no online rescaling), O = P V, and
+// the log-sum-exp of each row for the backward. Backward, for each batch element and key/value
+// head, its query heads and blocks in turn: P again from the log-sum-exp, dP = dO V^T,
+// dS = P (dP - rowsum(dO O)), dQ = dS K / sqrt(D), and dV += P^T dO, dK += dS^T Q / sqrt(D)
+// summed in buffers of the head's own.
+//
+// The products are small matrix kernels on the compiler's vector types: a block of QB x L
+// scores in QB vector registers (QB = L: 16 lanes and 16 rows with AVX-512's 32 registers, 8
+// and 8 with AVX2's 16), and P V as 4 rows x CB vectors. K and V are transposed once per head
+// (in L x L tiles) so that a vector of K^T holds L keys.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include <omp.h>
+
+#if defined(__AVX512F__)
+constexpr int L = 16;  // floats in a vector register
+#else
+constexpr int L = 8;
+#endif
+constexpr int QB = L;  // query rows a block
+// Vectors of a row that the row-times-matrix kernels hold at once: 4 rows x CB accumulators.
+constexpr int CB = L == 16 ? 4 : 2;
+typedef float vec __attribute__((vector_size(L * sizeof(float))));
+typedef int32_t ivec __attribute__((vector_size(L * sizeof(int32_t))));
+
+static inline vec load(const float* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+static inline vec splat(float a) { return vec{} + a; }
+
+// e^x as in fused.cpp (Cephes' polynomial, 2^n in the exponent bits), about one ulp.
+static inline vec vexp(vec x) {
+    x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
+    x = x > splat(-87.3365447505531f) ? x : splat(-87.3365447505531f);
+    const vec magic = splat(12582912.0f);
+    vec t = x * splat(1.44269504088896341f) + magic;
+    vec n = t - magic;
+    vec r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    vec p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * r * r + r + splat(1.0f);
+    ivec scale = (((ivec)t - (ivec)magic) + 127) << 23;
+    return p * (vec)scale;
+}
+
+// xt (D, Tp) = the T rows of x (`stride` floats apart) transposed, zeros past T; in L x L
+// tiles, so that reads and writes each touch L cache lines at a time (a column at a time, the
+// writes 4 KB apart collided in the cache: a quarter of the backward's time).
+template <int D>
+static void transpose(const float* x, int64_t stride, int64_t T, int64_t Tp, float* xt) {
+    float tile[L][L];
+    for (int64_t j0 = 0; j0 < Tp; j0 += L)
+        for (int d0 = 0; d0 < D; d0 += L) {
+            for (int jj = 0; jj < L; jj++)
+                for (int dd = 0; dd < L; dd++)
+                    tile[dd][jj] = j0 + jj < T ? x[(j0 + jj) * stride + d0 + dd] : 0.f;
+            for (int dd = 0; dd < L; dd++)
+                std::memcpy(xt + (d0 + dd) * Tp + j0, tile[dd], sizeof tile[dd]);
+        }
+}
+
+// out[r][j] = sum_d a[r][d] bt[d][j] for r < QB, j < n (a multiple of L); with `causal`, -inf
+// where key j is after query i0 + r.
+template <int D>
+static void scores(const float* a, const float* bt, int64_t Tp, int64_t n, int64_t i0,
+                   bool causal, float* out) {
+    for (int64_t j0 = 0; j0 < n; j0 += L) {
+        vec acc[QB] = {};
+        for (int d = 0; d < D; d++) {
+            vec b = load(bt + d * Tp + j0);
+            for (int r = 0; r < QB; r++) acc[r] += a[r * D + d] * b;
+        }
+        for (int r = 0; r < QB; r++) store(out + r * Tp + j0, acc[r]);
+        if (causal && j0 + L > i0 + 1)  // masked after the store: acc stays in registers
+            for (int r = 0; r < QB; r++)
+                for (int c = 0; c < L; c++)
+                    if (j0 + c > i0 + r) out[r * Tp + j0 + c] = -INFINITY;
+    }
+}
+
+// out[r] = factor[r] * sum_{j <= i0 + r} p[r][j] m[j] for r < rows (rows of m `ms` floats
+// apart, rows of out `os` apart).
+template <int D>
+static void rows_times(const float* p, int64_t Tp, const float* m, int64_t ms, int64_t i0,
+                       int rows, const float* factor, float* out, int64_t os) {
+    for (int r0 = 0; r0 < rows; r0 += 4) {
+        const int64_t n = i0 + (r0 + 4 < rows ? r0 + 4 : rows);  // p is 0 past each row's keys
+        for (int c0 = 0; c0 < D; c0 += CB * L) {
+            vec acc[4][CB] = {};
+            for (int64_t j = 0; j < n; j++) {
+                vec mv[CB];
+                for (int c = 0; c < CB; c++) mv[c] = load(m + j * ms + c0 + c * L);
+                for (int r = 0; r < 4; r++) {
+                    const float pv = p[(r0 + r) * Tp + j];
+                    for (int c = 0; c < CB; c++) acc[r][c] += pv * mv[c];
+                }
+            }
+            for (int r = 0; r < 4 && r0 + r < rows; r++)
+                for (int c = 0; c < CB; c++)
+                    store(out + (r0 + r) * os + c0 + c * L, acc[r][c] * factor[r0 + r]);
+        }
+    }
+}
+
+// acc[j] += sum_{r < QB} p[r][j] a[r] for j < n (rows of a and acc D floats; p's rows past the
+// block's are zeros).
+template <int D>
+static void outer_add(const float* p, int64_t Tp, const float* a, int64_t n, float* acc) {
+    for (int64_t j0 = 0; j0 < n; j0 += 4)
+        for (int c0 = 0; c0 < D; c0 += CB * L) {
+            vec s[4][CB] = {};
+            for (int r = 0; r < QB; r++) {
+                vec av[CB];
+                for (int c = 0; c < CB; c++) av[c] = load(a + r * D + c0 + c * L);
+                for (int jj = 0; jj < 4; jj++) {
+                    const float pv = p[r * Tp + j0 + jj];
+                    for (int c = 0; c < CB; c++) s[jj][c] += pv * av[c];
+                }
+            }
+            for (int jj = 0; jj < 4 && j0 + jj < n; jj++)
+                for (int c = 0; c < CB; c++) {
+                    float* at = acc + (j0 + jj) * D + c0 + c * L;
+                    store(at, load(at) + s[jj][c]);
+                }
+        }
+}
+
+// The block's rows of x (B, T, heads, D) at (b, i0, h), times `factor`, into a (QB, D);
+// zeros past `rows`.
+template <int D>
+static void gather(const float* x, int64_t heads, int64_t b, int64_t T, int64_t i0, int64_t h,
+                   int rows, float factor, float* a) {
+    for (int r = 0; r < QB; r++)
+        for (int d = 0; d < D; d += L)
+            store(a + r * D + d,
+                  r < rows ? load(x + ((b * T + i0 + r) * heads + h) * D + d) * factor : vec{});
+}
+
+template <int D>
+static void forward(const float* q, const float* k, const float* v, float* o, float* lse,
+                    int64_t B, int64_t T, int64_t H, int64_t Hkv) {
+    const int64_t G = H / Hkv, blocks = (T + QB - 1) / QB, Tp = (T + L - 1) / L * L;
+    const float scale = 1.0f / std::sqrt((float)D);
+    #pragma omp parallel
+    {
+        float* kt = new float[D * Tp];
+        float* s = new float[QB * Tp];
+        float qs[QB * D], inv[QB];
+        int64_t cur = -1;  // the key/value head whose K^T is in kt
+        // Blocks of one head are consecutive tasks, the later (longer) blocks first.
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < B * H * blocks; task++) {
+            const int64_t bh = task / blocks, b = bh / H, h = bh % H, hk = h / G;
+            const int64_t i0 = (blocks - 1 - task % blocks) * QB;
+            const int rows = T - i0 < QB ? T - i0 : QB;
+            const int64_t n = (i0 + rows + L - 1) / L * L;  // keys the block sees, rounded up
+            if (cur != b * Hkv + hk) {
+                cur = b * Hkv + hk;
+                transpose<D>(k + (b * T * Hkv + hk) * D, Hkv * D, T, Tp, kt);
+            }
+            gather<D>(q, H, b, T, i0, h, rows, scale, qs);
+            scores<D>(qs, kt, Tp, n, i0, true, s);
+            for (int r = 0; r < rows; r++) {
+                float* row = s + r * Tp;
+                vec mv = splat(-INFINITY);
+                for (int64_t j = 0; j < n; j += L) {
+                    vec x = load(row + j);
+                    mv = x > mv ? x : mv;
+                }
+                float m = mv[0];
+                for (int c = 1; c < L; c++) m = mv[c] > m ? mv[c] : m;
+                vec sum = {};
+                for (int64_t j = 0; j < n; j += L) {
+                    vec x = load(row + j);
+                    vec e = x > splat(-INFINITY) ? vexp(x - m) : vec{};
+                    store(row + j, e);
+                    sum += e;
+                }
+                float l = 0;
+                for (int c = 0; c < L; c++) l += sum[c];
+                inv[r] = 1.0f / l;  // P = e / l, applied to the output rows
+                lse[bh * T + i0 + r] = m + std::log(l);
+            }
+            rows_times<D>(s, Tp, v + (b * T * Hkv + hk) * D, Hkv * D, i0, rows, inv,
+                          o + ((b * T + i0) * H + h) * D, H * D);
+        }
+        delete[] kt;
+        delete[] s;
+    }
+}
+
+template <int D>
+static void backward(const float* q, const float* k, const float* v, const float* o,
+                     const float* lse, const float* dout, float* dq, float* dk, float* dv,
+                     int64_t B, int64_t T, int64_t H, int64_t Hkv) {
+    const int64_t G = H / Hkv, blocks = (T + QB - 1) / QB, Tp = (T + L - 1) / L * L;
+    const float scale = 1.0f / std::sqrt((float)D);
+    float scales[QB];
+    for (int r = 0; r < QB; r++) scales[r] = scale;
+    #pragma omp parallel
+    {
+        float* kt = new float[D * Tp];
+        float* vt = new float[D * Tp];
+        float* p = new float[QB * Tp];
+        float* ds = new float[QB * Tp];
+        float* dk_sum = new float[Tp * D];
+        float* dv_sum = new float[Tp * D];
+        float qs[QB * D], dos[QB * D], di[QB];
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < B * Hkv; task++) {
+            const int64_t b = task / Hkv, hk = task % Hkv;
+            transpose<D>(k + (b * T * Hkv + hk) * D, Hkv * D, T, Tp, kt);
+            transpose<D>(v + (b * T * Hkv + hk) * D, Hkv * D, T, Tp, vt);
+            std::memset(dk_sum, 0, sizeof(float) * Tp * D);
+            std::memset(dv_sum, 0, sizeof(float) * Tp * D);
+            for (int64_t h = hk * G; h < (hk + 1) * G; h++)
+                for (int64_t i0 = 0; i0 < T; i0 += QB) {
+                    const int rows = T - i0 < QB ? T - i0 : QB;
+                    const int64_t nk = i0 + rows, n = (nk + L - 1) / L * L;
+                    gather<D>(q, H, b, T, i0, h, rows, scale, qs);
+                    gather<D>(dout, H, b, T, i0, h, rows, 1.0f, dos);
+                    for (int r = 0; r < QB; r++) {  // rowsum(dO O)
+                        vec acc = {};
+                        if (r < rows) {
+                            const float* orow = o + ((b * T + i0 + r) * H + h) * D;
+                            for (int d = 0; d < D; d += L) acc += load(dos + r * D + d) * load(orow + d);
+                        }
+                        di[r] = 0;
+                        for (int c = 0; c < L; c++) di[r] += acc[c];
+                    }
+                    scores<D>(qs, kt, Tp, n, i0, true, p);
+                    scores<D>(dos, vt, Tp, n, i0, false, ds);
+                    for (int r = 0; r < QB; r++) {
+                        const float m = r < rows ? lse[(b * H + h) * T + i0 + r] : 0.f;
+                        for (int64_t j = 0; j < n; j += L) {
+                            vec x = load(p + r * Tp + j);
+                            vec e = x > splat(-INFINITY) ? vexp(x - m) : vec{};
+                            if (r >= rows) e = vec{};  // rows past T
+                            store(p + r * Tp + j, e);
+                            store(ds + r * Tp + j, e * (load(ds + r * Tp + j) - di[r]));
+                        }
+                    }
+                    rows_times<D>(ds, Tp, k + (b * T * Hkv + hk) * D, Hkv * D, i0, rows, scales,
+                                  dq + ((b * T + i0) * H + h) * D, H * D);
+                    outer_add<D>(p, Tp, dos, nk, dv_sum);
+                    outer_add<D>(ds, Tp, qs, nk, dk_sum);  // qs carries the 1 / sqrt(D)
+                }
+            for (int64_t j = 0; j < T; j++) {
+                std::memcpy(dk + ((b * T + j) * Hkv + hk) * D, dk_sum + j * D, sizeof(float) * D);
+                std::memcpy(dv + ((b * T + j) * Hkv + hk) * D, dv_sum + j * D, sizeof(float) * D);
+            }
+        }
+        delete[] kt;
+        delete[] vt;
+        delete[] p;
+        delete[] ds;
+        delete[] dk_sum;
+        delete[] dv_sum;
+    }
+}
+
+extern "C" void minirm_attention(const float* q, const float* k, const float* v, float* o,
+                                 float* lse, int64_t B, int64_t T, int64_t H, int64_t Hkv,
+                                 int64_t D) {
+    if (D == 64) forward<64>(q, k, v, o, lse, B, T, H, Hkv);
+    else forward<128>(q, k, v, o, lse, B, T, H, Hkv);
+}
+
+extern "C" void minirm_attention_backward(const float* q, const float* k, const float* v,
+                                          const float* o, const float* lse, const float* dout,
+                                          float* dq, float* dk, float* dv, int64_t B, int64_t T,
+                                          int64_t H, int64_t Hkv, int64_t D) {
+    if (D == 64) backward<64>(q, k, v, o, lse, dout, dq, dk, dv, B, T, H, Hkv);
+    else backward<128>(q, k, v, o, lse, dout, dq, dk, dv, B, T, H, Hkv);
+}
