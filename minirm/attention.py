@@ -9,8 +9,9 @@ the same function (tests/test_attention.py proves it to 1e-5, forward and backwa
   at a time with an online softmax (Alg. 1) and the backward recomputes the scores block by
   block from the saved log-sum-exp (Alg. 2), so neither pass ever holds a T x S score matrix.
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention, PyTorch's fused kernels. On the
-  CPU, float32 rows without padding go to minirm's own kernel instead (`minirm/attention.cpp`,
-  below `_sdpa`): flash's two passes in C++, 1.7x faster than SDPA's at 8 x 256 tokens.
+  CPU, float32 rows without padding, up to 1536 tokens, go to minirm's own kernel instead
+  (`minirm/attention.cpp`, below `_sdpa`): flash's two passes in C++, 1.7x faster than SDPA's
+  at 8 x 256 tokens.
 
 Positions. The T queries are the last T of the S keys: query i sits at key position S - T + i.
 One rule thus covers a plain forward (T == S), a prefill after a KV cache, and one-token decode
@@ -128,11 +129,16 @@ def _sdpa(q, k, v, key_mask, allowed=None):
 
 
 # The CPU kernel of the sdpa backend's fast path: causal rows without padding, float32, head
-# sizes 64 and 128. FlashAttention-2's two passes (the forward keeps only the output and each
+# sizes 64 and 128, up to MAX_KEYS positions. FlashAttention-2's two passes (the forward keeps only the output and each
 # row's log-sum-exp; the backward recomputes the scores), written in C++ with whole rows of
 # scores per block of queries (`minirm/attention.cpp`). At SmolLM2-135M's training shape (8 x 256
 # tokens, 9 query heads on 3 key/value heads) on a 2-core Xeon, forward + backward took
 # 11.5 ms against 19.2 for torch's SDPA.
+# It holds a block's whole rows of scores and the head's K^T and V^T (~640 bytes per key), in
+# the processor's second-level cache up to about 2000 keys: with one sequence of 9 query heads
+# on 3 key/value heads, forward + backward took 22.6 ms against SDPA's 30.8 at 1024 tokens,
+# 52.7 against 60.0 at 1536, the same at 2048, and 506 against 344 at 4096.
+MAX_KEYS = 1536
 KERNEL = Library("attention.cpp", {
     "minirm_attention": [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5,
     "minirm_attention_backward": [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5,
@@ -141,7 +147,7 @@ KERNEL = Library("attention.cpp", {
 
 def _kernel_applies(q, k):
     return (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
-            and q.shape[-1] in (64, 128) and q.shape[2] > 0
+            and q.shape[-1] in (64, 128) and 0 < q.shape[2] <= MAX_KEYS
             and not torch.compiler.is_compiling() and KERNEL.available())
 
 

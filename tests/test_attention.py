@@ -329,8 +329,9 @@ def test_the_eight_lane_kernel_is_attention(monkeypatch, tmp_path):
 
 @needs_kernel
 def test_sdpa_takes_the_kernel_only_where_it_applies():
-    """float32 CPU rows without padding and head sizes 64 and 128 go to the kernel; padding,
-    a KV cache's prefill (T < S), other head sizes and float64 stay with torch's SDPA."""
+    """float32 CPU rows without padding, head sizes 64 and 128, up to MAX_KEYS positions go to
+    the kernel; padding, a KV cache's prefill (T < S), other head sizes, float64 and longer
+    rows stay with torch's SDPA."""
     def node(B, Hq, Hkv, T, S, D, dtype=torch.float32, key_mask=None):
         q, k, v, _ = _inputs(B, Hq, Hkv, T, S, D, dtype=dtype)
         return attention(q.requires_grad_(), k, v, key_mask, backend="sdpa").grad_fn.name()
@@ -341,3 +342,6 @@ def test_sdpa_takes_the_kernel_only_where_it_applies():
     assert node(2, 4, 2, 4, 8, 64) != "_CausalCPUBackward"
     assert node(2, 4, 2, 8, 8, 32) != "_CausalCPUBackward"
     assert node(2, 4, 2, 8, 8, 64, dtype=torch.float64) != "_CausalCPUBackward"
+    T = attention_module.MAX_KEYS
+    assert node(1, 1, 1, T, T, 64) == "_CausalCPUBackward"
+    assert node(1, 1, 1, T + 1, T + 1, 64) != "_CausalCPUBackward"
