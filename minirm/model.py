@@ -55,7 +55,8 @@ class RMSNorm(nn.Module):
 
 
 class _RMSNormCPU(torch.autograd.Function):
-    """RMSNorm with its gradient written out, for training on the CPU, where autograd goes
+    """RMSNorm with its gradient written out, for training on the CPU where the C++ kernels of
+    `minirm.fused` (the same formulas, one pass each way) are not built. Autograd goes
     through F.rms_norm's parts (square, mean, rsqrt and two products, then the backward of
     each: a dozen passes over the activations). With x^ = x r, r = (mean(x^2) + eps)^-1/2 and
     y = x^ * w, for an upstream gradient dy:
