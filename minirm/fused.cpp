@@ -1,9 +1,9 @@
 // The element-wise parts of a block, forward and backward, one pass over memory each
-// (minirm/fused.py): SwiGLU's silu(g) * u and rotary embeddings. float32, contiguous.
+// (minirm/fused.py): SwiGLU's silu(g) * u, rotary embeddings and RMSNorm. float32, contiguous.
 //
 // Written with the compiler's vector types (16 lanes with AVX-512, else 8) and an exp of our
-// own, so that no -ffast-math is needed for a vector exp. Each function splits its rows over
-// torch's OpenMP threads.
+// own, so that no -ffast-math is needed for a vector exp. Each function splits its elements
+// or rows over torch's OpenMP threads.
 
 #include <cstdint>
 #include <cstring>
@@ -29,11 +29,12 @@ static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 static inline vec splat(float a) { return vec{} + a; }
 
 // e^x to about one unit in the last place: x = n ln2 + r with |r| <= ln2 / 2, e^r by its
-// degree-6 polynomial (the Cephes coefficients), 2^n put in the exponent bits. Inputs are
-// clamped to where the result is a normal float.
-static inline vec vexp(vec x) {
-    x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
-    x = x > splat(-87.3365447505531f) ? x : splat(-87.3365447505531f);
+// degree-6 polynomial (the Cephes coefficients), 2^n put in the exponent bits. Past the range
+// of normal floats the result is inf above and 0 below (-inf included); NaN stays NaN.
+static inline vec vexp(vec in) {
+    const vec hi = splat(88.3762626647949f), lo = splat(-87.3365447505531f);
+    vec x = in > hi ? hi : in;  // clamps that let NaN through
+    x = x < lo ? lo : x;
     // n = round(x / ln2), by adding 1.5 * 2^23: the sum's low bits are then n.
     const vec magic = splat(12582912.0f);
     vec t = x * splat(1.44269504088896341f) + magic;
@@ -48,7 +49,9 @@ static inline vec vexp(vec x) {
     p = p * r * r + r + splat(1.0f);
     ivec bits = (ivec)t - (ivec)magic;       // n, as an integer
     ivec scale = (bits + 127) << 23;         // 2^n
-    return p * (vec)scale;
+    vec e = p * (vec)scale;
+    e = in > hi ? splat(__builtin_inff()) : e;
+    return in < lo ? vec{} : e;
 }
 
 static inline vec sigmoid(vec g) { return splat(1.0f) / (splat(1.0f) + vexp(-g)); }
@@ -127,7 +130,7 @@ extern "C" void minirm_rope(const float* x, const float* cos, const float* sin, 
             const float* xr = x + (r * heads + h) * d;
             float* yr = y + (r * heads + h) * d;
             int64_t j = 0;
-            if (half % L == 0) {
+            if (half % L == 0 && d == 2 * half) {
                 for (; j < half; j += L) {
                     vec lo = load(xr + j), hi = load(xr + half + j);
                     vec slo = load(s + j) * sign, shi = load(s + half + j) * sign;

@@ -44,6 +44,12 @@ def available() -> bool:
     return LIBRARY.available()
 
 
+def _lib():
+    if not LIBRARY.available():
+        raise RuntimeError(f"the fused kernels are not available here: {LIBRARY.why}")
+    return LIBRARY.lib
+
+
 def applies(x: torch.Tensor) -> bool:
     """Whether the model should use these kernels for activations like x."""
     return (x.device.type == "cpu" and x.dtype == torch.float32
@@ -52,7 +58,7 @@ def applies(x: torch.Tensor) -> bool:
 
 def _swiglu(g, u):
     h = torch.empty_like(g)
-    LIBRARY.lib.minirm_swiglu(g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel())
+    _lib().minirm_swiglu(g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel())
     return h
 
 
@@ -63,18 +69,20 @@ class _SwiGLU(torch.autograd.Function):
         return _swiglu(g, u)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
         g, u = ctx.saved_tensors
         dh = dh.contiguous()
         dg, du = torch.empty_like(g), torch.empty_like(u)
-        LIBRARY.lib.minirm_swiglu_backward(g.data_ptr(), u.data_ptr(), dh.data_ptr(),
-                                           dg.data_ptr(), du.data_ptr(), g.numel())
+        _lib().minirm_swiglu_backward(g.data_ptr(), u.data_ptr(), dh.data_ptr(), dg.data_ptr(),
+                                      du.data_ptr(), g.numel())
         return dg, du
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """silu(g) * u for two float32 CPU tensors of one shape."""
-    assert g.shape == u.shape, f"gate {tuple(g.shape)} and up {tuple(u.shape)} differ"
+    assert g.shape == u.shape and g.dtype == u.dtype == torch.float32, \
+        f"gate {g.dtype} {tuple(g.shape)} and up {u.dtype} {tuple(u.shape)}: float32, one shape"
     g, u = g.contiguous(), u.contiguous()
     if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
         return _SwiGLU.apply(g, u)
@@ -84,8 +92,8 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _rope(x, cos, sin, sign):
     y = torch.empty_like(x)
     rows = cos.shape[0]
-    LIBRARY.lib.minirm_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), rows,
-                            x.numel() // (rows * x.shape[-1]), x.shape[-1], sign)
+    _lib().minirm_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), rows,
+                       x.numel() // (rows * x.shape[-1]), x.shape[-1], sign)
     return y
 
 
@@ -96,6 +104,7 @@ class _Rope(torch.autograd.Function):
         return _rope(x, cos, sin, 1.0)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
         return _rope(dy.contiguous(), cos, sin, -1.0), None, None
@@ -105,10 +114,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
     """`model.apply_rope`: x (B, T, H, head_dim) rotated by the cos and signed sin of each
     position, (B, T, 1, head_dim) (constants: no gradient flows to them)."""
     B, T, H, D = x.shape
+    assert D % 2 == 0 and x.dtype == cos.dtype == signed_sin.dtype == torch.float32, \
+        f"RoPE takes float32 and an even head size, got {x.dtype} x, {cos.dtype} cos, D={D}"
     if x.numel() == 0:
         return x.clone()
-    cos = cos.expand(B, T, 1, D).reshape(B * T, D)  # no copy when already (B, T, 1, D)
-    signed_sin = signed_sin.expand(B, T, 1, D).reshape(B * T, D)
+    # (B * T, D) tables, one row per position: no copy when they are already (B, T, 1, D).
+    cos = cos.expand(B, T, 1, D).reshape(B * T, D).contiguous()
+    signed_sin = signed_sin.expand(B, T, 1, D).reshape(B * T, D).contiguous()
     x = x.contiguous()
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rope.apply(x, cos, signed_sin)
@@ -118,8 +130,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
 def _rms_norm(x, weight, eps):
     d = x.shape[-1]
     y, r = torch.empty_like(x), x.new_empty(x.numel() // d)
-    LIBRARY.lib.minirm_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), r.data_ptr(),
-                                len(r), d, eps)
+    _lib().minirm_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), r.data_ptr(), len(r),
+                           d, eps)
     return y, r
 
 
@@ -131,20 +143,23 @@ class _RMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, r = ctx.saved_tensors
         dy = dy.contiguous()
         threads = torch.get_num_threads()
         dx = torch.empty_like(x)
         parts = x.new_zeros(threads, x.shape[-1])  # each thread's share of dw
-        LIBRARY.lib.minirm_rms_norm_backward(x.data_ptr(), weight.data_ptr(), r.data_ptr(),
-                                             dy.data_ptr(), dx.data_ptr(), parts.data_ptr(),
-                                             len(r), x.shape[-1], threads)
+        _lib().minirm_rms_norm_backward(x.data_ptr(), weight.data_ptr(), r.data_ptr(),
+                                        dy.data_ptr(), dx.data_ptr(), parts.data_ptr(), len(r),
+                                        x.shape[-1], threads)
         return dx, parts.sum(0) if ctx.needs_input_grad[1] else None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * weight over the last dimension (float32 CPU tensors)."""
+    assert weight.shape == x.shape[-1:] and x.dtype == weight.dtype == torch.float32, \
+        f"x {x.dtype} {tuple(x.shape)} and weight {weight.dtype} {tuple(weight.shape)}"
     x, weight = x.contiguous(), weight.contiguous()
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps)

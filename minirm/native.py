@@ -2,13 +2,13 @@
 ctypes: the streamed decoding product (`minirm/streamed.cpp`), the element-wise parts of a
 block for the CPU (`minirm/fused.cpp`) and causal attention for the CPU (`minirm/attention.cpp`).
 
-Each source is compiled with $CXX (else `c++`) and -O3 -march=native -fopenmp, ~1 s once per
-machine, into a cache folder: $MINIRM_CACHE, else ~/.cache/minirm, or a folder in the temporary
-directory where that one is read-only. The library's name carries a hash of the source, the
-flags, the compiler's version and the processor's features, so an edited source, another
-compiler or a cache folder shared by unlike machines never loads a stale build. A library links
-the OpenMP runtime that torch has loaded, so its loops run on torch's threads
-(`torch.set_num_threads`).
+Each source is compiled with $CXX (else `c++`) and -O3 -march=native -fopenmp, about a second
+once per machine, into a cache folder: $MINIRM_CACHE, else ~/.cache/minirm, or a folder of the
+user's own in the temporary directory where that one is read-only. The library's name carries a
+hash of the source, the flags, the compiler's version and the processor's features, so an
+edited source, another compiler or a cache folder shared by unlike machines never loads a stale
+build. A library links the OpenMP runtime that torch has loaded, so its loops run on torch's
+threads (`torch.set_num_threads`).
 
 Where a source cannot be built (no compiler, no OpenMP) its `Library.available()` is False, the
 reason is in `why_unavailable()`, and minirm runs the same computation with torch's own
@@ -41,6 +41,19 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
+def _private_temp() -> Path:
+    """A folder of this user's own in the temporary directory: a library loaded from a folder
+    that others can write to could be anyone's code."""
+    user = os.getuid() if hasattr(os, "getuid") else 0
+    folder = Path(tempfile.gettempdir()) / f"minirm-{user}"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if hasattr(os, "getuid") and (info.st_uid != user or info.st_mode & 0o022):
+        raise RuntimeError(f"{folder} belongs to another user or others can write to it; "
+                           "set MINIRM_CACHE to a folder of your own")
+    return folder
+
+
 def machine() -> str:
     """The processor's feature flags: -march=native compiles for them, so a cache folder shared
     between machines keeps one library per kind of processor."""
@@ -67,8 +80,7 @@ def build(source: Path, flags=None) -> ctypes.CDLL:
     name = f"{source.stem}-{key}.so"
     folder = cache_dir()
     if not (folder / name).exists() and not _writable(folder):
-        user = os.getuid() if hasattr(os, "getuid") else 0
-        folder = Path(tempfile.gettempdir()) / f"minirm-{user}"  # a read-only home
+        folder = _private_temp()  # a read-only home
     path = folder / name
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -80,8 +92,13 @@ def build(source: Path, flags=None) -> ctypes.CDLL:
             done = subprocess.run([compiler, *flags, str(source), "-o", tmp],
                                   capture_output=True, text=True)
             if done.returncode:
-                last = (done.stderr.strip().splitlines() or ["?"])[-1]
-                raise RuntimeError(f"{compiler} failed on {source.name}: {last}")
+                lines = done.stderr.strip().splitlines() or ["?"]
+                said = next((line for line in lines if "error" in line), lines[-1])
+                raise RuntimeError(f"{compiler} failed on {source.name}: {said}")
+            # mkstemp made the file for this user alone; a shared cache folder serves others
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o755 & ~umask)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -113,7 +130,7 @@ class Library:
         if self.lib is None and self.why is None:
             try:
                 self.lib = self.load()
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
                 self.why = str(e)
         return self.lib is not None
 

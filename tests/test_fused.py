@@ -3,11 +3,13 @@ float64 autograd through torch's operators; the model with and without them."""
 
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import minirm.attention as attention_module
 from minirm import fused, native
 from minirm.config import preset
 from minirm.model import Transformer, rope_cos_sin
@@ -39,7 +41,8 @@ def check_swiglu():
     g = torch.Generator().manual_seed(0)
     for shape in ((1,), (17,), (2, 7, 33), (3, 5, 1536)):
         gate = torch.randn(shape, generator=g) * 4
-        gate.view(-1)[:4] = torch.tensor([100.0, -100.0, 0.0, -1.2785])[:gate.numel()]
+        far = torch.tensor([100.0, -100.0, 0.0, -1.2785, -3e38, 1e36, -1e36])
+        gate.view(-1)[:len(far)] = far[:gate.numel()]
         up, dh = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         got, want = exact_and_got(fused.swiglu, lambda a, b: F.silu(a) * b, (gate, up), dh)
         for a, b in zip(got, want):
@@ -49,10 +52,20 @@ def check_swiglu():
 
 
 @needs_kernels
+def test_swiglu_of_infinities_and_nan_is_torchs():
+    """Past the range of the kernel's exp: silu(+inf) = inf, silu(-inf) = nan (-inf * 0), and
+    nan stays nan, as in torch."""
+    gate = torch.tensor([float("inf"), float("-inf"), float("nan"), 89.0, -89.0, -1e30])
+    up = torch.ones_like(gate)
+    torch.testing.assert_close(fused.swiglu(gate, up), F.silu(gate) * up, equal_nan=True)
+
+
+@needs_kernels
 def test_swiglu_forward_and_backward():
     """silu(g) * u and its two gradients, for sizes that are not a multiple of the vector
     length (a scalar tail), gates far out on both sides (the kernel's exp clamps its input)
-    and near silu's minimum (where its derivative crosses zero): within float32 rounding of
+    (up to +-3e38) and near silu's minimum (where its derivative crosses zero): within float32
+    rounding of
     float64. Without gradients the kernel gives the same bits."""
     check_swiglu()
 
@@ -73,10 +86,13 @@ def check_rope():
                                   lambda x: torch_rope(x, cos.double(), sin.double()), (x,), dy)
         for a, b in zip(got, want):
             torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
-        # One position table for every row (no padding): broadcast over the batch.
-        one = rope_cos_sin(inv_freq, positions[:1], torch.float32)
-        torch.testing.assert_close(fused.rope(x, *one), torch_rope(x, *one), rtol=1e-6,
-                                   atol=1e-6)
+        # One position table for every row (no padding): broadcast over the batch; and one
+        # position for every row of a decoding step.
+        for table in (positions[:1], positions[:1, 3:4]):
+            one = rope_cos_sin(inv_freq, table, torch.float32)
+            y = x[:, :table.shape[1]].contiguous()
+            torch.testing.assert_close(fused.rope(y, *one), torch_rope(y, *one), rtol=1e-6,
+                                       atol=1e-6)
 
 
 @needs_kernels
@@ -130,6 +146,17 @@ def test_the_eight_lane_build_computes_the_same(monkeypatch, tmp_path):
     check_rms_norm()
 
 
+def nodes(out):
+    """The names of the nodes of out's backward graph."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo.extend(nxt for nxt, _ in fn.next_functions)
+    return {fn.name() for fn in seen}
+
+
 def training_pass(model, tokens, mask):
     model.zero_grad(set_to_none=True)
     reward = model.reward(tokens, mask)
@@ -151,16 +178,6 @@ def test_the_model_trains_and_scores_the_same_with_and_without_them(monkeypatch)
     mask[2, 9:] = False  # right padding
     reward, grads = training_pass(model, tokens, mask)
 
-    def nodes(out):
-        """The names of the backward graph's nodes."""
-        seen, todo = set(), [out.grad_fn]
-        while todo:
-            fn = todo.pop()
-            if fn is not None and fn not in seen:
-                seen.add(fn)
-                todo.extend(nxt for nxt, _ in fn.next_functions)
-        return {fn.name() for fn in seen}
-
     assert {"_SwiGLUBackward", "_RopeBackward", "_RMSNormBackward"} <= nodes(reward)
     with torch.no_grad():
         scored = model.reward(tokens, mask)
@@ -174,3 +191,27 @@ def test_the_model_trains_and_scores_the_same_with_and_without_them(monkeypatch)
     torch.testing.assert_close(scored, want, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not attention_module.KERNEL.available(),
+                    reason="the attention kernel is not built here")
+def test_a_model_trains_the_same_through_the_attention_kernel():
+    """SmolLM2's head size (64): a reward model's rewards and gradients through the sdpa
+    backend, whose CPU kernel takes these rows (padded and not), equal those of the reference
+    formula."""
+    cfg = preset("debug", dim=128, n_heads=2, n_kv_heads=1, head_dim=64, n_outputs=1)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(3, cfg.vocab_size, (3, 21), generator=g)
+    padded = torch.ones(3, 21, dtype=torch.bool)
+    padded[1, :5] = False
+    padded[2, 15:] = False
+    for mask in (None, padded):
+        results = []
+        for backend in ("sdpa", "reference"):
+            model = Transformer(replace(cfg, attention=backend)).init_weights(seed=0).train()
+            results.append(training_pass(model, tokens, mask))
+        (reward, grads), (want, want_grads) = results
+        assert "_CausalCPUBackward" in nodes(reward)
+        torch.testing.assert_close(reward, want, rtol=1e-5, atol=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
