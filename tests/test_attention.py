@@ -293,17 +293,20 @@ def test_the_cpu_kernel_builds_where_a_compiler_is():
 
 def _check_kernel():
     # (B, Hq, Hkv, T, D): one position; lengths that are not a multiple of the kernel's blocks
-    # (16 rows, or 8 with AVX2); groups of 1, 2 and 3 query heads; both head sizes.
+    # (16 rows, or 8 with AVX2); groups of 1, 2 and 3 query heads; both head sizes; rows
+    # without padding, left-padded (a padded query sees only itself) and right-padded.
     for B, Hq, Hkv, T, D in ((1, 1, 1, 1, 64), (2, 4, 2, 5, 64), (2, 6, 3, 17, 128),
                              (1, 2, 1, 40, 64), (3, 9, 3, 33, 64), (1, 4, 4, 300, 128)):
         q, k, v, dout = _inputs(B, Hq, Hkv, T, T, D, seed=T)
         # The model's layout: (B, T, heads, D) tensors, seen as (B, heads, T, D).
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
-        got = _run("sdpa", q, k, v, dout)
-        exact = _run("reference", *(x.double() for x in (q, k, v, dout)))
-        for what, a, b in zip(("out", "dq", "dk", "dv"), got, exact):
-            torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5,
-                                       msg=f"{what} at {(B, Hq, Hkv, T, D)}")
+        for side in (None, "left", "right"):
+            key_mask = None if side is None else _padding(B, T, side, n_pad=(T // 2, 0, 3))
+            got = _run("sdpa", q, k, v, dout, key_mask)
+            exact = _run("reference", *(x.double() for x in (q, k, v, dout)), key_mask)
+            for what, a, b in zip(("out", "dq", "dk", "dv"), got, exact):
+                torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5,
+                                           msg=f"{what} at {(B, Hq, Hkv, T, D)}, {side}")
 
 
 @needs_kernel
@@ -328,20 +331,36 @@ def test_the_eight_lane_kernel_is_attention(monkeypatch, tmp_path):
 
 
 @needs_kernel
-def test_sdpa_takes_the_kernel_only_where_it_applies():
-    """float32 CPU rows without padding, head sizes 64 and 128, up to MAX_KEYS positions go to
-    the kernel; padding, a KV cache's prefill (T < S), other head sizes, float64 and longer
-    rows stay with torch's SDPA."""
+def test_sdpa_takes_the_kernel_only_where_it_applies(monkeypatch):
+    """float32 CPU rows, padded or not, of head size 64 (up to 1536 positions) or 128 (up to
+    768) go to the kernel; a KV cache's prefill (T < S), other head sizes, float64, longer rows,
+    and a backward with fewer (batch, key/value head) pairs than threads stay with SDPA."""
     def node(B, Hq, Hkv, T, S, D, dtype=torch.float32, key_mask=None):
         q, k, v, _ = _inputs(B, Hq, Hkv, T, S, D, dtype=dtype)
         return attention(q.requires_grad_(), k, v, key_mask, backend="sdpa").grad_fn.name()
 
-    assert node(2, 4, 2, 8, 8, 64) == "_CausalCPUBackward"
-    assert node(2, 4, 2, 8, 8, 128) == "_CausalCPUBackward"
-    assert node(2, 4, 2, 8, 8, 64, key_mask=_padding(2, 8, "left")) != "_CausalCPUBackward"
-    assert node(2, 4, 2, 4, 8, 64) != "_CausalCPUBackward"
-    assert node(2, 4, 2, 8, 8, 32) != "_CausalCPUBackward"
-    assert node(2, 4, 2, 8, 8, 64, dtype=torch.float64) != "_CausalCPUBackward"
-    T = attention_module.MAX_KEYS
-    assert node(1, 1, 1, T, T, 64) == "_CausalCPUBackward"
-    assert node(1, 1, 1, T + 1, T + 1, 64) != "_CausalCPUBackward"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    kernel = "_CausalCPUBackward"
+    assert node(2, 4, 2, 8, 8, 64) == kernel
+    assert node(2, 4, 2, 8, 8, 128) == kernel
+    assert node(2, 4, 2, 8, 8, 64, key_mask=_padding(2, 8, "left")) == kernel
+    assert node(2, 4, 2, 4, 8, 64) != kernel
+    assert node(2, 4, 2, 8, 8, 32) != kernel
+    assert node(2, 4, 2, 8, 8, 64, dtype=torch.float64) != kernel
+    assert node(1, 2, 1, 8, 8, 64) != kernel  # one pair for two threads
+    for D, T in attention_module.MAX_KEYS.items():
+        assert node(1, 2, 2, T, T, D) == kernel
+        assert node(1, 2, 2, T + 1, T + 1, D) != kernel
+
+
+@needs_kernel
+def test_the_cpu_kernel_passes_nan_on_as_sdpa_does():
+    """A NaN in one key reaches the outputs of every query that sees that key, in the forward
+    as in the backward (a NaN score must not pass for a masked one), and no other query's."""
+    q, k, v, dout = _inputs(1, 2, 1, 20, 20, 64)
+    k[0, 0, 7, 3] = float("nan")
+    got = _run("sdpa", q, k, v, dout)
+    want = _run("reference", q, k, v, dout)
+    for a, b in zip(got, want):
+        assert torch.equal(a.isnan(), b.isnan())
+    assert got[0][0, :, :7].isfinite().all() and got[0][0, :, 7:].isnan().all()
