@@ -95,12 +95,22 @@ def test_build_caches_the_library_and_reports_a_failed_build(monkeypatch, tmp_pa
     streamed.LIBRARY.load()
     assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
 
+    umask = os.umask(0o022)  # a shared cache folder: the library readable by every user
+    os.umask(umask)
+    if (umask & 0o044) == 0:
+        assert built[0].stat().st_mode & 0o444 == 0o444
+
     blocked = tmp_path / "a-file"  # a cache folder that cannot be made: the temporary one
     blocked.write_text("")
     monkeypatch.setenv("MINIRM_CACHE", str(blocked / "cache"))
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     streamed.LIBRARY.load()
-    assert [p.suffix for p in (tmp_path / "tmp").glob("minirm-*/*")] == [".so"]
+    [private] = (tmp_path / "tmp").glob("minirm-*")
+    assert [p.suffix for p in private.iterdir()] == [".so"]
+    assert private.stat().st_mode & 0o077 == 0
+    private.chmod(0o777)  # a temporary folder others can write to is refused
+    with pytest.raises(RuntimeError, match="others can write"):
+        streamed.LIBRARY.load()
 
     broken = tmp_path / "broken"
     monkeypatch.setenv("MINIRM_CACHE", str(broken))
