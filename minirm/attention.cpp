@@ -1,8 +1,9 @@
 // Causal attention for the CPU, forward and backward (minirm/attention.py, the sdpa backend's
-// kernel for float32 rows without padding): FlashAttention's two passes, with whole rows.
+// kernel for float32 rows): FlashAttention's two passes, with whole rows.
 //
-// q, o, dout, dq: (B, T, H, D); k, v, dk, dv: (B, T, Hkv, D); lse: (B, H, T); float32,
-// contiguous. Query head h reads key/value head h / (H / Hkv). Query i sees keys 0 .. i.
+// q, o, dout, dq: (B, T, H, D); k, v, dk, dv: (B, T, Hkv, D); lse: (B, H, T); bias: (B, T)
+// or null; float32, contiguous. Query head h reads key/value head h / (H / Hkv). Query i sees
+// keys 0 .. i, each with bias 0 (a real token) or -inf (padding), its own key always.
 //
 // Forward, for each block of QB query rows of one head: the scores S = Q K^T / sqrt(D) of every
 // key the block sees (QB x T floats, which stay in the second-level cache), the exact softmax
@@ -18,54 +19,14 @@
 // (in L x L tiles) so that a vector of K^T holds L keys.
 
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 
 #include <omp.h>
 
-#if defined(__AVX512F__)
-constexpr int L = 16;  // floats in a vector register
-#else
-constexpr int L = 8;
-#endif
+#include "vec.h"
+
 constexpr int QB = L;  // query rows a block
 // Vectors of a row that the row-times-matrix kernels hold at once: 4 rows x CB accumulators.
 constexpr int CB = L == 16 ? 4 : 2;
-typedef float vec __attribute__((vector_size(L * sizeof(float))));
-typedef int32_t ivec __attribute__((vector_size(L * sizeof(int32_t))));
-
-static inline vec load(const float* p) {
-    vec v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-
-static inline vec splat(float a) { return vec{} + a; }
-
-// e^x for x <= 0 (a score minus its row's max) as in fused.cpp (Cephes' polynomial, 2^n in
-// the exponent bits), about one ulp; 0 below the range of normal floats (-inf: a masked
-// score), NaN for NaN (the clamps let it through). Selects cost here: with fused.cpp's three
-// (inf above, 0 below, NaN) the forward at SmolLM2's training shape took 3.8 ms, not 3.3.
-static inline vec vexp(vec in) {
-    const vec hi = splat(88.3762626647949f), lo = splat(-87.3365447505531f);
-    vec x = in > hi ? hi : in;
-    x = x < lo ? lo : x;
-    const vec magic = splat(12582912.0f);
-    vec t = x * splat(1.44269504088896341f) + magic;
-    vec n = t - magic;
-    vec r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-    vec p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * r * r + r + splat(1.0f);
-    ivec scale = (((ivec)t - (ivec)magic) + 127) << 23;
-    return in < lo ? vec{} : p * (vec)scale;
-}
 
 // xt (D, Tp) = the T rows of x (`stride` floats apart) transposed, zeros past T; in L x L
 // tiles, so that reads and writes each touch L cache lines at a time (a column at a time, the
@@ -211,7 +172,7 @@ static void forward(const float* q, const float* k, const float* v, const float*
                 for (int c = 1; c < L; c++) m = mv[c] > m ? mv[c] : m;
                 vec sum = {};
                 for (int64_t j = 0; j < n; j += L) {
-                    vec e = vexp(load(row + j) - m);  // 0 where masked (-inf)
+                    vec e = vexp_nonpositive(load(row + j) - m);  // 0 where masked (-inf)
                     store(row + j, e);
                     sum += e;
                 }
@@ -276,7 +237,7 @@ static void backward(const float* q, const float* k, const float* v, const float
                         const float m = r < rows ? lse[(b * H + h) * T + i0 + r] : 0.f;
                         for (int64_t j = 0; j < n; j += L) {
                             vec x = load(p + r * Tp + j);
-                            vec e = vexp(x - m);  // 0 where masked (-inf)
+                            vec e = vexp_nonpositive(x - m);  // 0 where masked (-inf)
                             if (r >= rows) e = vec{};  // rows past T
                             store(p + r * Tp + j, e);
                             store(ds + r * Tp + j, e * (load(ds + r * Tp + j) - di[r]));

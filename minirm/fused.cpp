@@ -1,58 +1,12 @@
 // The element-wise parts of a block, forward and backward, one pass over memory each
 // (minirm/fused.py): SwiGLU's silu(g) * u, rotary embeddings and RMSNorm. float32, contiguous.
 //
-// Written with the compiler's vector types (16 lanes with AVX-512, else 8) and an exp of our
-// own, so that no -ffast-math is needed for a vector exp. Each function splits its elements
-// or rows over torch's OpenMP threads.
-
-#include <cstdint>
-#include <cstring>
+// Written with the compiler's vector types and an exp of our own (vec.h). Each function splits
+// its elements or rows over torch's OpenMP threads.
 
 #include <omp.h>
 
-#if defined(__AVX512F__)
-constexpr int L = 16;  // floats in a vector register
-#else
-constexpr int L = 8;
-#endif
-typedef float vec __attribute__((vector_size(L * sizeof(float))));
-typedef int32_t ivec __attribute__((vector_size(L * sizeof(int32_t))));
-
-static inline vec load(const float* p) {
-    vec v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-
-static inline vec splat(float a) { return vec{} + a; }
-
-// e^x to about one unit in the last place: x = n ln2 + r with |r| <= ln2 / 2, e^r by its
-// degree-6 polynomial (the Cephes coefficients), 2^n put in the exponent bits. Past the range
-// of normal floats the result is inf above and 0 below (-inf included); NaN stays NaN.
-static inline vec vexp(vec in) {
-    const vec hi = splat(88.3762626647949f), lo = splat(-87.3365447505531f);
-    vec x = in > hi ? hi : in;  // clamps that let NaN through
-    x = x < lo ? lo : x;
-    // n = round(x / ln2), by adding 1.5 * 2^23: the sum's low bits are then n.
-    const vec magic = splat(12582912.0f);
-    vec t = x * splat(1.44269504088896341f) + magic;
-    vec n = t - magic;
-    vec r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);  // ln2 in two parts
-    vec p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * r * r + r + splat(1.0f);
-    ivec bits = (ivec)t - (ivec)magic;       // n, as an integer
-    ivec scale = (bits + 127) << 23;         // 2^n
-    vec e = p * (vec)scale;
-    e = in > hi ? splat(__builtin_inff()) : e;
-    return in < lo ? vec{} : e;
-}
+#include "vec.h"
 
 static inline vec sigmoid(vec g) { return splat(1.0f) / (splat(1.0f) + vexp(-g)); }
 

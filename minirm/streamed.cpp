@@ -10,24 +10,11 @@
 // read 4-5% faster than two at 1 to 8 rows of x, with 16 or 8 lanes, though 4 x 8 sums fill the
 // registers.
 
-#include <cstdint>
-#include <cstring>
-
 #include <omp.h>
 
-#if defined(__AVX512F__)
-constexpr int L = 16;  // floats in a vector register
-#else
-constexpr int L = 8;
-#endif
-typedef float vec __attribute__((vector_size(L * sizeof(float))));
-typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
+#include "vec.h"
 
-static inline vec load(const float* p) {
-    vec v;
-    std::memcpy(&v, p, sizeof v);  // an unaligned vector load
-    return v;
-}
+typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
 
 // The sum of a vector's lanes, a few vector adds first: 16 scalar adds in a row took longer
 // than the loop over k they end.
