@@ -42,8 +42,8 @@ class RMSNorm(nn.Module):
         # x * rsqrt(mean(x^2) + eps) * weight. F.rms_norm is that formula in one kernel
         # (fewer calls per token; a decoding step on a GPU is mostly small kernels).
         if x.dtype == torch.float32:
-            if fused.applies(x):  # forward and backward in one pass each (minirm.fused)
-                return fused.rms_norm(x, self.weight, self.eps)
+            if fused.applies(x) and self.weight.dtype == x.dtype:  # one pass each way
+                return fused.rms_norm(x, self.weight, self.eps)       # (minirm.fused)
             if (x.device.type == "cpu" and torch.is_grad_enabled()
                     and not torch.compiler.is_compiling()):
                 return _RMSNormCPU.apply(x, self.weight, self.eps)
