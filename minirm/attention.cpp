@@ -30,7 +30,7 @@ constexpr int CB = L == 16 ? 4 : 2;
 
 // xt (D, Tp) = the T rows of x (`stride` floats apart) transposed, zeros past T; in L x L
 // tiles, so that reads and writes each touch L cache lines at a time (a column at a time, the
-// writes 4 KB apart collided in the cache: a quarter of the backward's time).
+// writes Tp floats apart collided in the cache: a quarter of the backward's time at T = 256).
 template <int D>
 static void transpose(const float* x, int64_t stride, int64_t T, int64_t Tp, float* xt) {
     float tile[L][L];
