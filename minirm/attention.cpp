@@ -1,12 +1,14 @@
 // Causal attention for the CPU, forward and backward (minirm/attention.py, the sdpa backend's
 // kernel for float32 rows): FlashAttention's two passes, with whole rows.
 //
-// q, o, dout, dq: (B, T, H, D); k, v, dk, dv: (B, T, Hkv, D); lse: (B, H, T); bias: (B, T)
-// or null; float32, contiguous. Query head h reads key/value head h / (H / Hkv). Query i sees
-// keys 0 .. i, each with bias 0 (a real token) or -inf (padding), its own key always.
+// q, o, dout, dq: (B, T, H, D); k, v, dk, dv: (B, S, Hkv, D), S >= T; lse: (B, H, T); bias:
+// (B, S) or null; float32, contiguous. Query head h reads key/value head h / (H / Hkv). The
+// queries are the last T of the S positions (the keys before them a prompt's, computed once):
+// query i sees keys 0 .. S - T + i, each with bias 0 (a real token) or -inf (padding), its own
+// key always.
 //
-// Forward, for each block of QB query rows of one head: the scores S = Q K^T / sqrt(D) of every
-// key the block sees (QB x T floats, which stay in the second-level cache), the exact softmax
+// Forward, for each block of QB query rows of one head: the scores Q K^T / sqrt(D) of every
+// key the block sees (QB x S floats, which stay in the second-level cache), the exact softmax
 // of each row (its max and sum at once: the row is whole, no online rescaling), O = P V, and
 // the log-sum-exp of each row for the backward. Backward, for each batch element and key/value
 // head, its query heads and blocks in turn: P again from the log-sum-exp, dP = dO V^T,
@@ -44,9 +46,10 @@ static void transpose(const float* x, int64_t stride, int64_t T, int64_t Tp, flo
         }
 }
 
-// out[r][j] = sum_d a[r][d] bt[d][j] for r < QB, j < n (a multiple of L). With `causal`, -inf
-// where key j is after query i0 + r, and plus bias[j] (0, or -inf for a padding key) unless j is
-// the query's own position: a padded query sees itself, so no row is empty.
+// out[r][j] = sum_d a[r][d] bt[d][j] for r < QB, j < n (a multiple of L), where query r sits at
+// key position i0 + r. With `causal`, -inf where key j is after it, and plus bias[j] (0, or
+// -inf for a padding key) unless j is the query's own position: a padded query sees itself,
+// so no row is empty.
 template <int D>
 static void scores(const float* a, const float* bt, int64_t Tp, int64_t n, int64_t i0,
                    bool causal, const float* bias, float* out) {
@@ -56,7 +59,7 @@ static void scores(const float* a, const float* bt, int64_t Tp, int64_t n, int64
             vec b = load(bt + d * Tp + j0);
             for (int r = 0; r < QB; r++) acc[r] += a[r * D + d] * b;
         }
-        const bool diagonal = causal && j0 + L > i0 + 1;
+        const bool diagonal = causal && j0 + L > i0;  // holds a key at or after query 0's
         float own[QB][L];  // the diagonal's scores before the bias
         if (diagonal && bias)
             for (int r = 0; r < QB; r++) store(own[r], acc[r]);
@@ -71,8 +74,8 @@ static void scores(const float* a, const float* bt, int64_t Tp, int64_t n, int64
     }
 }
 
-// out[r] = factor[r] * sum_{j <= i0 + r} p[r][j] m[j] for r < rows (rows of m `ms` floats
-// apart, rows of out `os` apart).
+// out[r] = factor[r] * sum_{j <= i0 + r} p[r][j] m[j] for r < rows, query r at key position
+// i0 + r (rows of m `ms` floats apart, rows of out `os` apart).
 template <int D>
 static void rows_times(const float* p, int64_t Tp, const float* m, int64_t ms, int64_t i0,
                        int rows, const float* factor, float* out, int64_t os) {
@@ -137,14 +140,16 @@ static void keys(const float* bias, int64_t T, int64_t Tp, float* row) {
 
 template <int D>
 static void forward(const float* q, const float* k, const float* v, const float* bias,
-                    float* o, float* lse, int64_t B, int64_t T, int64_t H, int64_t Hkv) {
-    const int64_t G = H / Hkv, blocks = (T + QB - 1) / QB, Tp = (T + L - 1) / L * L;
+                    float* o, float* lse, int64_t B, int64_t T, int64_t S, int64_t H,
+                    int64_t Hkv) {
+    const int64_t G = H / Hkv, blocks = (T + QB - 1) / QB, Sp = (S + L - 1) / L * L;
+    const int64_t at = S - T;  // the key position of query 0
     const float scale = 1.0f / std::sqrt((float)D);
     #pragma omp parallel
     {
-        float* kt = new float[D * Tp];
-        float* s = new float[QB * Tp];
-        float* brow = bias ? new float[Tp] : nullptr;  // this row's bias, zeros past T
+        float* kt = new float[D * Sp];
+        float* s = new float[QB * Sp];
+        float* brow = bias ? new float[Sp] : nullptr;  // this row's bias, zeros past S
         float qs[QB * D], inv[QB];
         int64_t cur = -1;  // the key/value head whose K^T is in kt
         // Blocks of one head are consecutive tasks, the later (longer) blocks first.
@@ -153,16 +158,16 @@ static void forward(const float* q, const float* k, const float* v, const float*
             const int64_t bh = task / blocks, b = bh / H, h = bh % H, hk = h / G;
             const int64_t i0 = (blocks - 1 - task % blocks) * QB;
             const int rows = T - i0 < QB ? T - i0 : QB;
-            const int64_t n = (i0 + rows + L - 1) / L * L;  // keys the block sees, rounded up
+            const int64_t n = (at + i0 + rows + L - 1) / L * L;  // keys it sees, rounded up
             if (cur != b * Hkv + hk) {
                 cur = b * Hkv + hk;
-                transpose<D>(k + (b * T * Hkv + hk) * D, Hkv * D, T, Tp, kt);
-                if (bias) keys(bias + b * T, T, Tp, brow);
+                transpose<D>(k + (b * S * Hkv + hk) * D, Hkv * D, S, Sp, kt);
+                if (bias) keys(bias + b * S, S, Sp, brow);
             }
             gather<D>(q, H, b, T, i0, h, rows, scale, qs);
-            scores<D>(qs, kt, Tp, n, i0, true, brow, s);
+            scores<D>(qs, kt, Sp, n, at + i0, true, brow, s);
             for (int r = 0; r < rows; r++) {
-                float* row = s + r * Tp;
+                float* row = s + r * Sp;
                 vec mv = splat(-INFINITY);
                 for (int64_t j = 0; j < n; j += L) {  // the row's max (a NaN score is skipped
                     vec x = load(row + j);           // here, and makes its e and the sum NaN)
@@ -181,7 +186,7 @@ static void forward(const float* q, const float* k, const float* v, const float*
                 inv[r] = 1.0f / l;  // P = e / l, applied to the output rows
                 lse[bh * T + i0 + r] = m + std::log(l);
             }
-            rows_times<D>(s, Tp, v + (b * T * Hkv + hk) * D, Hkv * D, i0, rows, inv,
+            rows_times<D>(s, Sp, v + (b * S * Hkv + hk) * D, Hkv * D, at + i0, rows, inv,
                           o + ((b * T + i0) * H + h) * D, H * D);
         }
         delete[] kt;
@@ -193,33 +198,34 @@ static void forward(const float* q, const float* k, const float* v, const float*
 template <int D>
 static void backward(const float* q, const float* k, const float* v, const float* bias,
                      const float* o, const float* lse, const float* dout, float* dq, float* dk,
-                     float* dv, int64_t B, int64_t T, int64_t H, int64_t Hkv) {
-    const int64_t G = H / Hkv, Tp = (T + L - 1) / L * L;
+                     float* dv, int64_t B, int64_t T, int64_t S, int64_t H, int64_t Hkv) {
+    const int64_t G = H / Hkv, Sp = (S + L - 1) / L * L;
+    const int64_t at = S - T;  // the key position of query 0
     const float scale = 1.0f / std::sqrt((float)D);
     float scales[QB];
     for (int r = 0; r < QB; r++) scales[r] = scale;
     #pragma omp parallel
     {
-        float* kt = new float[D * Tp];
-        float* vt = new float[D * Tp];
-        float* p = new float[QB * Tp];
-        float* ds = new float[QB * Tp];
-        float* dk_sum = new float[Tp * D];
-        float* dv_sum = new float[Tp * D];
-        float* brow = bias ? new float[Tp] : nullptr;
+        float* kt = new float[D * Sp];
+        float* vt = new float[D * Sp];
+        float* p = new float[QB * Sp];
+        float* ds = new float[QB * Sp];
+        float* dk_sum = new float[Sp * D];
+        float* dv_sum = new float[Sp * D];
+        float* brow = bias ? new float[Sp] : nullptr;
         float qs[QB * D], dos[QB * D], di[QB];
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < B * Hkv; task++) {
             const int64_t b = task / Hkv, hk = task % Hkv;
-            transpose<D>(k + (b * T * Hkv + hk) * D, Hkv * D, T, Tp, kt);
-            transpose<D>(v + (b * T * Hkv + hk) * D, Hkv * D, T, Tp, vt);
-            if (bias) keys(bias + b * T, T, Tp, brow);
-            std::memset(dk_sum, 0, sizeof(float) * Tp * D);
-            std::memset(dv_sum, 0, sizeof(float) * Tp * D);
+            transpose<D>(k + (b * S * Hkv + hk) * D, Hkv * D, S, Sp, kt);
+            transpose<D>(v + (b * S * Hkv + hk) * D, Hkv * D, S, Sp, vt);
+            if (bias) keys(bias + b * S, S, Sp, brow);
+            std::memset(dk_sum, 0, sizeof(float) * Sp * D);
+            std::memset(dv_sum, 0, sizeof(float) * Sp * D);
             for (int64_t h = hk * G; h < (hk + 1) * G; h++)
                 for (int64_t i0 = 0; i0 < T; i0 += QB) {
                     const int rows = T - i0 < QB ? T - i0 : QB;
-                    const int64_t nk = i0 + rows, n = (nk + L - 1) / L * L;
+                    const int64_t nk = at + i0 + rows, n = (nk + L - 1) / L * L;
                     gather<D>(q, H, b, T, i0, h, rows, scale, qs);
                     gather<D>(dout, H, b, T, i0, h, rows, 1.0f, dos);
                     for (int r = 0; r < QB; r++) {  // rowsum(dO O)
@@ -231,26 +237,26 @@ static void backward(const float* q, const float* k, const float* v, const float
                         di[r] = 0;
                         for (int c = 0; c < L; c++) di[r] += acc[c];
                     }
-                    scores<D>(qs, kt, Tp, n, i0, true, brow, p);
-                    scores<D>(dos, vt, Tp, n, i0, false, nullptr, ds);
+                    scores<D>(qs, kt, Sp, n, at + i0, true, brow, p);
+                    scores<D>(dos, vt, Sp, n, at + i0, false, nullptr, ds);
                     for (int r = 0; r < QB; r++) {
                         const float m = r < rows ? lse[(b * H + h) * T + i0 + r] : 0.f;
                         for (int64_t j = 0; j < n; j += L) {
-                            vec x = load(p + r * Tp + j);
+                            vec x = load(p + r * Sp + j);
                             vec e = vexp_nonpositive(x - m);  // 0 where masked (-inf)
                             if (r >= rows) e = vec{};  // rows past T
-                            store(p + r * Tp + j, e);
-                            store(ds + r * Tp + j, e * (load(ds + r * Tp + j) - di[r]));
+                            store(p + r * Sp + j, e);
+                            store(ds + r * Sp + j, e * (load(ds + r * Sp + j) - di[r]));
                         }
                     }
-                    rows_times<D>(ds, Tp, k + (b * T * Hkv + hk) * D, Hkv * D, i0, rows, scales,
-                                  dq + ((b * T + i0) * H + h) * D, H * D);
-                    outer_add<D>(p, Tp, dos, nk, dv_sum);
-                    outer_add<D>(ds, Tp, qs, nk, dk_sum);  // qs carries the 1 / sqrt(D)
+                    rows_times<D>(ds, Sp, k + (b * S * Hkv + hk) * D, Hkv * D, at + i0, rows,
+                                  scales, dq + ((b * T + i0) * H + h) * D, H * D);
+                    outer_add<D>(p, Sp, dos, nk, dv_sum);
+                    outer_add<D>(ds, Sp, qs, nk, dk_sum);  // qs carries the 1 / sqrt(D)
                 }
-            for (int64_t j = 0; j < T; j++) {
-                std::memcpy(dk + ((b * T + j) * Hkv + hk) * D, dk_sum + j * D, sizeof(float) * D);
-                std::memcpy(dv + ((b * T + j) * Hkv + hk) * D, dv_sum + j * D, sizeof(float) * D);
+            for (int64_t j = 0; j < S; j++) {
+                std::memcpy(dk + ((b * S + j) * Hkv + hk) * D, dk_sum + j * D, sizeof(float) * D);
+                std::memcpy(dv + ((b * S + j) * Hkv + hk) * D, dv_sum + j * D, sizeof(float) * D);
             }
         }
         delete[] kt;
@@ -265,16 +271,16 @@ static void backward(const float* q, const float* k, const float* v, const float
 
 extern "C" void minirm_attention(const float* q, const float* k, const float* v,
                                  const float* bias, float* o, float* lse, int64_t B, int64_t T,
-                                 int64_t H, int64_t Hkv, int64_t D) {
-    if (D == 64) forward<64>(q, k, v, bias, o, lse, B, T, H, Hkv);
-    else forward<128>(q, k, v, bias, o, lse, B, T, H, Hkv);
+                                 int64_t S, int64_t H, int64_t Hkv, int64_t D) {
+    if (D == 64) forward<64>(q, k, v, bias, o, lse, B, T, S, H, Hkv);
+    else forward<128>(q, k, v, bias, o, lse, B, T, S, H, Hkv);
 }
 
 extern "C" void minirm_attention_backward(const float* q, const float* k, const float* v,
                                           const float* bias, const float* o, const float* lse,
                                           const float* dout, float* dq, float* dk, float* dv,
-                                          int64_t B, int64_t T, int64_t H, int64_t Hkv,
-                                          int64_t D) {
-    if (D == 64) backward<64>(q, k, v, bias, o, lse, dout, dq, dk, dv, B, T, H, Hkv);
-    else backward<128>(q, k, v, bias, o, lse, dout, dq, dk, dv, B, T, H, Hkv);
+                                          int64_t B, int64_t T, int64_t S, int64_t H,
+                                          int64_t Hkv, int64_t D) {
+    if (D == 64) backward<64>(q, k, v, bias, o, lse, dout, dq, dk, dv, B, T, S, H, Hkv);
+    else backward<128>(q, k, v, bias, o, lse, dout, dq, dk, dv, B, T, S, H, Hkv);
 }

@@ -9,9 +9,9 @@ the same function (tests/test_attention.py proves it to 1e-5, forward and backwa
   at a time with an online softmax (Alg. 1) and the backward recomputes the scores block by
   block from the saved log-sum-exp (Alg. 2), so neither pass ever holds a T x S score matrix.
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention, PyTorch's fused kernels. On the
-  CPU, float32 rows of head size 64 or 128 (up to 1536 or 768 tokens, padded or not, without a
-  KV cache before them) go to minirm's own kernel instead (`minirm/attention.cpp`, below
-  `_sdpa`): flash's two passes in C++, 1.7x faster than SDPA's at 8 x 256 tokens.
+  CPU, float32 rows of head size 64 or 128 (up to 1536 or 768 keys, padded or not, not
+  decoding steps) go to minirm's own kernel instead (`minirm/attention.cpp`, below `_sdpa`):
+  flash's two passes in C++, 1.7x faster than SDPA's at 8 x 256 tokens.
 
 Positions. The T queries are the last T of the S keys: query i sits at key position S - T + i.
 One rule thus covers a plain forward (T == S), a prefill after a KV cache, and one-token decode
@@ -116,7 +116,7 @@ def _reference(q, k, v, key_mask, allowed=None):
 
 def _sdpa(q, k, v, key_mask, allowed=None):
     T, S = q.shape[2], k.shape[2]
-    if T == S and _kernel_applies(q, k, v):  # minirm's CPU kernel, below
+    if _kernel_applies(q, k, v):  # minirm's CPU kernel, below
         return _CausalCPU.apply(q, k, v, key_mask)
     if key_mask is None and T == S:
         # The fast path. is_causal aligns the mask top-left, which equals ours only when T == S.
@@ -128,8 +128,9 @@ def _sdpa(q, k, v, key_mask, allowed=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
 
 
-# The CPU kernel of the sdpa backend: float32 rows of up to MAX_KEYS positions (T == S: no
-# cache before them), with or without padding, head sizes 64 and 128. FlashAttention-2's two
+# The CPU kernel of the sdpa backend: float32 rows of up to MAX_KEYS positions, with or without
+# padding, head sizes 64 and 128, the keys of a shared prompt (SharedPrompts) or a KV cache
+# before the queries or not (but at least MIN_QUERIES queries then). FlashAttention-2's two
 # passes (the forward keeps only the output and each row's log-sum-exp; the backward recomputes
 # the scores), written in C++ with whole rows of scores per block of queries
 # (`minirm/attention.cpp`). At SmolLM2-135M's training shape (8 x 256 tokens, 9 query heads on 3
@@ -143,17 +144,22 @@ def _sdpa(q, k, v, key_mask, allowed=None):
 # size 128 (two sequences, 8 query heads on 2): 17.4 against 26.9 ms at 512 tokens, 42.2
 # against 48.1 at 768, the same at 1024, 190 against 153 at 1536.
 MAX_KEYS = {64: 1536, 128: 768}
+# Fewer queries than this after a cache (a decoding step) stay with SDPA: the kernel would
+# transpose every key and value for them.
+MIN_QUERIES = 16
 KERNEL = Library("attention.cpp", {
-    "minirm_attention": [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5,
-    "minirm_attention_backward": [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 5,
+    "minirm_attention": [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6,
+    "minirm_attention_backward": [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 6,
 })
 
 
 def _kernel_applies(q, k, v):
-    T, D = q.shape[2], q.shape[-1]
+    T, S, D = q.shape[2], k.shape[2], q.shape[-1]
     if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and 0 < T <= MAX_KEYS.get(D, 0) and not torch.compiler.is_compiling()):
+            and 0 < S <= MAX_KEYS.get(D, 0) and not torch.compiler.is_compiling()):
         return False
+    if T < min(S, MIN_QUERIES):
+        return False  # a decoding step: K and V transposed for a handful of queries
     # The backward gives each thread whole (batch element, key/value head) pairs: with fewer
     # pairs than threads, SDPA's backward, which splits finer, keeps every thread busy.
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
@@ -163,20 +169,21 @@ def _kernel_applies(q, k, v):
 
 
 class _CausalCPU(torch.autograd.Function):
-    """q (B, H, T, D), k and v (B, Hkv, T, D): views of the model's (B, T, heads, D) tensors,
-    which the kernel reads as they are stored (the transposes back make no copies there).
-    key_mask (B, T), True for real tokens, or None: the rule of `attention` (a key that is
-    padding is seen by its own query only), as a bias of 0 or -inf added to the scores."""
+    """q (B, H, T, D), k and v (B, Hkv, S, D), S >= T: views of the model's (B, T, heads, D)
+    tensors, which the kernel reads as they are stored (the transposes back make no copies
+    there; keys after a shared prompt's are copied). key_mask (B, S), True for real tokens, or
+    None: the rule of `attention` (the queries are the last T positions; a key that is padding
+    is seen by its own query only), as a bias of 0 or -inf added to the scores."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_mask):
         q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-        B, T, H, D = q.shape
+        (B, T, H, D), (S, Hkv) = q.shape, k.shape[1:3]
         bias = (None if key_mask is None
-                else q.new_zeros(B, T).masked_fill_(~key_mask, float("-inf")))
+                else q.new_zeros(B, S).masked_fill_(~key_mask, float("-inf")))
         out, lse = torch.empty_like(q), q.new_empty(B, H, T)
         KERNEL.lib.minirm_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(bias),
-                                    out.data_ptr(), lse.data_ptr(), B, T, H, k.shape[2], D)
+                                    out.data_ptr(), lse.data_ptr(), B, T, S, H, Hkv, D)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         return out.transpose(1, 2)
 
@@ -186,11 +193,11 @@ class _CausalCPU(torch.autograd.Function):
         q, k, v, bias, out, lse = ctx.saved_tensors
         dout = dout.transpose(1, 2).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        B, T, H, D = q.shape
+        (B, T, H, D), (S, Hkv) = q.shape, k.shape[1:3]
         KERNEL.lib.minirm_attention_backward(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(bias), out.data_ptr(),
             lse.data_ptr(), dout.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-            B, T, H, k.shape[2], D)
+            B, T, S, H, Hkv, D)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
 
 

@@ -295,18 +295,21 @@ def _check_kernel():
     # (B, Hq, Hkv, T, D): one position; lengths that are not a multiple of the kernel's blocks
     # (16 rows, or 8 with AVX2); groups of 1, 2 and 3 query heads; both head sizes; rows
     # without padding, left-padded (a padded query sees only itself) and right-padded.
-    for B, Hq, Hkv, T, D in ((1, 1, 1, 1, 64), (2, 4, 2, 5, 64), (2, 6, 3, 17, 128),
-                             (1, 2, 1, 40, 64), (3, 9, 3, 33, 64), (1, 4, 4, 300, 128)):
-        q, k, v, dout = _inputs(B, Hq, Hkv, T, T, D, seed=T)
+    # And queries after the keys of a prompt (S > T).
+    for B, Hq, Hkv, T, S, D in ((1, 1, 1, 1, 1, 64), (2, 4, 2, 5, 5, 64), (2, 6, 3, 17, 17, 128),
+                                (1, 2, 1, 40, 40, 64), (3, 9, 3, 33, 33, 64),
+                                (1, 4, 4, 300, 300, 128), (2, 4, 2, 17, 40, 64),
+                                (3, 6, 3, 20, 37, 128)):
+        q, k, v, dout = _inputs(B, Hq, Hkv, T, S, D, seed=T)
         # The model's layout: (B, T, heads, D) tensors, seen as (B, heads, T, D).
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
         for side in (None, "left", "right"):
-            key_mask = None if side is None else _padding(B, T, side, n_pad=(T // 2, 0, 3))
+            key_mask = None if side is None else _padding(B, S, side, n_pad=(T // 2, 0, 3))
             got = _run("sdpa", q, k, v, dout, key_mask)
             exact = _run("reference", *(x.double() for x in (q, k, v, dout)), key_mask)
             for what, a, b in zip(("out", "dq", "dk", "dv"), got, exact):
                 torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5,
-                                           msg=f"{what} at {(B, Hq, Hkv, T, D)}, {side}")
+                                           msg=f"{what} at {(B, Hq, Hkv, T, S, D)}, {side}")
 
 
 @needs_kernel
@@ -333,8 +336,9 @@ def test_the_eight_lane_kernel_is_attention(monkeypatch, tmp_path):
 @needs_kernel
 def test_sdpa_takes_the_kernel_only_where_it_applies(monkeypatch):
     """float32 CPU rows, padded or not, of head size 64 (up to 1536 positions) or 128 (up to
-    768) go to the kernel; a KV cache's prefill (T < S), other head sizes, float64, longer rows,
-    and a backward with fewer (batch, key/value head) pairs than threads stay with SDPA."""
+    768) go to the kernel, after a prompt's keys too; a few queries after a cache (decoding),
+    other head sizes, float64, longer rows, and a backward with fewer (batch, key/value head)
+    pairs than threads stay with SDPA."""
     def node(B, Hq, Hkv, T, S, D, dtype=torch.float32, key_mask=None):
         q, k, v, _ = _inputs(B, Hq, Hkv, T, S, D, dtype=dtype)
         return attention(q.requires_grad_(), k, v, key_mask, backend="sdpa").grad_fn.name()
@@ -344,7 +348,8 @@ def test_sdpa_takes_the_kernel_only_where_it_applies(monkeypatch):
     assert node(2, 4, 2, 8, 8, 64) == kernel
     assert node(2, 4, 2, 8, 8, 128) == kernel
     assert node(2, 4, 2, 8, 8, 64, key_mask=_padding(2, 8, "left")) == kernel
-    assert node(2, 4, 2, 4, 8, 64) != kernel
+    assert node(2, 4, 2, 16, 40, 64) == kernel  # after a prompt's keys
+    assert node(2, 4, 2, 4, 8, 64) != kernel  # a few queries after a cache: decoding
     assert node(2, 4, 2, 8, 8, 32) != kernel
     assert node(2, 4, 2, 8, 8, 64, dtype=torch.float64) != kernel
     assert node(1, 2, 1, 8, 8, 64) != kernel  # one pair for two threads
