@@ -232,7 +232,8 @@ static void backward(const float* q, const float* k, const float* v, const float
                         vec acc = {};
                         if (r < rows) {
                             const float* orow = o + ((b * T + i0 + r) * H + h) * D;
-                            for (int d = 0; d < D; d += L) acc += load(dos + r * D + d) * load(orow + d);
+                            for (int d = 0; d < D; d += L)
+                                acc += load(dos + r * D + d) * load(orow + d);
                         }
                         di[r] = 0;
                         for (int c = 0; c < L; c++) di[r] += acc[c];

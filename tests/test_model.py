@@ -403,9 +403,9 @@ def test_sampling_logprobs_are_those_of_the_filtered_distribution():
 
 def test_packed_decoding_matches_the_plain_model(monkeypatch):
     """minirm.packed: every decoding layout (fused projections, oneDNN-packed, for 2 rows in
-    MKL's packed form for torch's BLAS, or for the streamed kernel) gives the plain model's logits, in prefill and cached
-    decode, tied and untied heads; a weight update is seen at the next call (the packed copy is
-    rebuilt), and toy-sized models are left unpacked. Unforced, the layout is timed once and
+    MKL's packed form for torch's BLAS, or for the streamed kernel) gives the plain model's
+    logits, in prefill and cached decode, tied and untied heads; a weight update is seen at the
+    next call (the packed copy is rebuilt), and toy-sized models are left unpacked. Unforced, the layout is timed once and
     remembered, with never two copies of the weights alive while choosing."""
     from minirm import packed
 
