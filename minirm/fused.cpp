@@ -98,12 +98,6 @@ extern "C" void minirm_rope(const float* x, const float* cos, const float* sin, 
     }
 }
 
-static inline float total(vec v) {
-    float s = 0;
-    for (int i = 0; i < L; i++) s += v[i];
-    return s;
-}
-
 // RMSNorm of each row of x (rows, d) with gain w: y = x r w, r = (mean(x^2) + eps)^-1/2,
 // keeping r (rows) for the backward.
 extern "C" void minirm_rms_norm(const float* x, const float* w, float* y, float* r,

@@ -11,10 +11,13 @@ bit differently, as in any other batch). A prompt given several times (REINFORCE
 of each) is prefilled once and its cache copied to each of its rows. On a GPU, a small batch's
 steps after the prefill replay a CUDA graph (`minirm.graphs`), whose batch stays whole:
 launching a step's kernels one by one costs more there than reading the weights. On the CPU,
-`compile=True` runs a small batch's steps through `torch.compile` instead (`minirm.graphs`;
-the batch stays whole too): 15-35% faster steps, after 25-130 s of compiling on the first call
-for each batch size (a process that compiled the same graphs before reads them from
-inductor's cache on disk).
+a batch of up to 16 rows in the streamed layout (`minirm.packed`) takes each step in one call
+to C++ (`minirm.decode`): on a 2-core Xeon, SmolLM2-135M's step went from 30 ms (eager) and
+27 ms (compiled) to 20 ms at one row, and from 39-42 to 26 ms at 8 rows. Elsewhere,
+`compile=True` runs a small batch's steps through `torch.compile` (`minirm.graphs`; the batch
+stays whole): 15-35% faster steps than eager, after 25-130 s of compiling on the first call for
+each batch size (a process that compiled the same graphs before reads them from inductor's
+cache on disk).
 
 `generate` returns the new tokens, their log-probabilities under the distribution they were
 sampled from (after temperature, top-k and top-p; plain log-softmax for greedy decoding) and
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minirm import decode
 from minirm.errors import ArgumentParser, UserError, cli
 from minirm.graphs import can_graph, decoding_step, static_steps_apply
 from minirm.model import KVCache
@@ -156,7 +160,9 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top
              cuda_graphs=True, compile=False) -> Generation:
     """Sample continuations of `prompts` (lists of token ids) with a KV cache. On a GPU the
     decoding steps of up to GRAPH_ROWS rows are replayed from a CUDA graph unless
-    `cuda_graphs` is False; on the CPU, with `compile`, they run through `torch.compile`."""
+    `cuda_graphs` is False; on the CPU, up to 16 rows take each step in one call to C++ where
+    the streamed layout is in use (`minirm.decode`), else with `compile` they run through
+    `torch.compile`."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -199,10 +205,13 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
     if progress:
         from tqdm import tqdm
         steps = tqdm(steps, desc="generate", unit="tok", leave=False)
-    # On a GPU the steps replay one CUDA graph (`minirm.graphs`), on the CPU with `compile`
-    # they run compiled; either way the batch stays whole.
-    static = None
-    if B <= GRAPH_ROWS and max_new_tokens >= GRAPH_MIN_TOKENS:
+    # On the CPU a step can be one call to C++ (`minirm.decode`). Else on a GPU the steps
+    # replay one CUDA graph (`minirm.graphs`), on the CPU with `compile` they run compiled;
+    # either way the batch stays whole.
+    static = whole = None
+    if decode.applies(model, cache, B):
+        whole = decode.Step(model)
+    elif B <= GRAPH_ROWS and max_new_tokens >= GRAPH_MIN_TOKENS:
         if cuda_graphs and can_graph(model, cache):
             static = decoding_step(model, cache)
         elif compile and device.type == "cpu" and static_steps_apply(model):
@@ -228,7 +237,14 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
             if static is None and n_done >= DROP_ENDED * len(alive):  # ended rows leave
                 keep = (~done).nonzero()[:, 0]
                 cache, alive, tok, done = cache.rows(keep), alive[keep], tok[keep], done[keep]
-        logits = static(tok) if static else model(tok[:, None], None, cache)[:, -1]
+                if whole is None and decode.applies(model, cache, len(keep)):
+                    whole = decode.Step(model)  # few enough rows left for it
+        if static:
+            logits = static(tok)
+        elif whole:
+            logits = whole(tok, cache)
+        else:
+            logits = model(tok[:, None], None, cache)[:, -1]
     logprobs = logprobs.masked_fill(~valid, 0.0)
     return Generation(out[:, :n], logprobs[:, :n], valid[:, :n], ended)
 
@@ -254,9 +270,10 @@ def build_parser():
                    help="on a GPU, launch each decoding step's kernels one by one instead of "
                         "replaying a CUDA graph")
     p.add_argument("--compile", action="store_true",
-                   help="on the CPU, run the decoding steps through torch.compile: 15-35%% "
-                        "faster steps after 25-130 s of compiling, so only worth it for "
-                        "thousands of new tokens")
+                   help="on the CPU, run the decoding steps through torch.compile where "
+                        "they do not run in one call to C++ (minirm.decode): 15-35%% faster "
+                        "steps after 25-130 s of compiling, so only worth it for thousands "
+                        "of new tokens")
     return p
 
 
@@ -304,8 +321,8 @@ def main(argv=None):
     stop_ids = set(cfg.eos_ids) | set(tok.stop_ids)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     if args.compile and device == "cpu" and env_rank() == 0:
-        print("generate: --compile: compiling the decoding step before the first token "
-              "(20-130 s)", file=sys.stderr)
+        print("generate: --compile: the decoding step compiles before the first token "
+              "(20-130 s) unless it runs in one call to C++", file=sys.stderr)
     result = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k,
                       args.top_p, stop_ids=stop_ids, pad_id=tok.pad_id, generator=gen,
                       progress=sys.stderr.isatty(), cuda_graphs=not args.no_cuda_graphs,

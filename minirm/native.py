@@ -1,13 +1,14 @@
 """minirm's C++ kernels, built on first use with the machine's own compiler and loaded with
-ctypes: the streamed decoding product (`minirm/streamed.cpp`), the element-wise parts of a
-block for the CPU (`minirm/fused.cpp`) and causal attention for the CPU (`minirm/attention.cpp`).
+ctypes: the streamed decoding product (`minirm/streamed.cpp`), the whole decoding step for the
+CPU (`minirm/decode.cpp`), the element-wise parts of a block for the CPU (`minirm/fused.cpp`)
+and causal attention for the CPU (`minirm/attention.cpp`).
 
 Each source is compiled with $CXX (else `c++`) and -O3 -march=native -fopenmp, about a second
 once per machine, into a cache folder: $MINIRM_CACHE, else ~/.cache/minirm, or a folder of the
 user's own in the temporary directory where that one is read-only. The library's name carries a
-hash of the source and the shared header (`vec.h`), the flags, the compiler's version and the
-processor's features, so an edited source, another compiler or a cache folder shared by unlike
-machines never loads a stale build. A library links the OpenMP runtime that torch has loaded,
+hash of the source and the shared headers (`vec.h`, `streamed.h`), the flags, the compiler's
+version and the processor's features, so an edited source, another compiler or a cache folder
+shared by unlike machines never loads a stale build. A library links the OpenMP runtime that torch has loaded,
 so its loops run on torch's threads (`torch.set_num_threads`).
 
 Where a source cannot be built (no compiler, no OpenMP) its `Library.available()` is False, the
@@ -75,7 +76,7 @@ def build(source: Path, flags=None) -> ctypes.CDLL:
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler!r}) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # vec.h
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # vec.h, ...
     key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, " ".join(flags).encode(),
                                      version.encode(), machine().encode()])).hexdigest()[:16]
     name = f"{source.stem}-{key}.so"

@@ -20,9 +20,17 @@ agree with `F.linear` to float32 rounding (tests/test_streamed.py).
 Under `torch.compile` (a compiled decoding step, `minirm.graphs`) it runs as the operator
 `minirm::streamed` (`minirm.ops`), one opaque call for the compiler; outside it the ctypes call
 goes direct.
+
+The streamed layout keeps its weights in one block of memory in huge pages (`HugePages`, 2 MiB
+pages on Linux where transparent huge pages are offered, as they are by default: `madvise`
+mode). Streaming 538 MB of weights in 4 KiB pages is 131,000 pages a token, each a TLB miss
+and a page walk, and the hardware prefetcher stops at each page's end: the kernel read
+SmolLM2-135M's weights at one row in 19.2 ms against 21.2 in 4 KiB pages (Xeon, in turns), and
+a 256 MiB matrix at 30.5 GB/s against 23.4.
 """
 
 import ctypes
+import mmap
 
 import torch
 import torch.nn.functional as F
@@ -70,13 +78,61 @@ _streamed = opaque("streamed", "(Tensor x, Tensor weight) -> Tensor",
                    lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
 
 
+HUGE_PAGE = 2 << 20
+
+
+def huge_pages_offered() -> bool:
+    """Whether this system gives memory advised for it transparent huge pages (Linux, with
+    /sys/kernel/mm/transparent_hugepage/enabled at `always` or `madvise`)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read() and hasattr(mmap, "MADV_HUGEPAGE")
+    except OSError:
+        return False
+
+
+def huge_page_tensor(numel: int) -> torch.Tensor:
+    """An uninitialised float32 tensor of `numel` elements starting on a 2 MiB boundary, in
+    memory advised for transparent huge pages (an anonymous mapping, released with the tensor);
+    a plain `torch.empty` where huge pages are not offered."""
+    if not huge_pages_offered() or numel == 0:
+        return torch.empty(numel)
+    memory = mmap.mmap(-1, numel * 4 + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, which then faults 2 MiB pages
+    flat = torch.frombuffer(memory, dtype=torch.float32)  # holds `memory` while it lives
+    start = (-flat.data_ptr() % HUGE_PAGE) // 4
+    return flat[start:start + numel]
+
+
+class HugePages:
+    """One block of huge-page memory (`huge_page_tensor`) for `pieces` tensors of `numel`
+    elements in all, handed out in turn, each on a 64-byte boundary (a cache line)."""
+
+    def __init__(self, numel: int, pieces: int):
+        self.flat = huge_page_tensor(numel + 16 * pieces)
+        self.left, self.pieces_left, self.used = numel, pieces, 0
+
+    def take(self, numel: int) -> torch.Tensor:
+        assert numel <= self.left and self.pieces_left, "HugePages: more taken than reserved"
+        piece = self.flat[self.used:self.used + numel]
+        self.left, self.pieces_left = self.left - numel, self.pieces_left - 1
+        self.used += (numel + 15) // 16 * 16
+        return piece
+
+
 class StreamedLinear:
     """y = x W^T for the rows of several Linear layers stacked into one W, kept in nn.Linear's
     own (out, in) layout: the kernel for up to MAX_ROWS rows, `F.linear` for more (a prefill).
-    Returns one output per layer. A single layer's weight is used as it is, not copied."""
+    Returns one output per layer. The weights are copied into `memory` (a `HugePages`) when it
+    is given; else a single layer's weight is used as it is, not copied."""
 
-    def __init__(self, *weights: torch.Tensor):
-        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    def __init__(self, *weights: torch.Tensor, memory: HugePages | None = None):
+        if memory is not None:
+            rows = sum(w.shape[0] for w in weights)
+            weight = memory.take(rows * weights[0].shape[1]).view(rows, -1)
+            torch.cat([w.detach() for w in weights], out=weight)
+        else:
+            weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         self.weight = weight.detach().contiguous()
         self.sizes = [w.shape[0] for w in weights]
 

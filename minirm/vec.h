@@ -1,6 +1,6 @@
-// What minirm's C++ kernels share (streamed.cpp, fused.cpp, attention.cpp): the compiler's
-// vector types of L floats (16 with AVX-512, else 8), unaligned loads and stores, and an exp
-// of our own, so that no -ffast-math is needed for a vector exp.
+// What minirm's C++ kernels share (streamed.cpp, fused.cpp, attention.cpp, decode.cpp): the
+// compiler's vector types of L floats (16 with AVX-512, else 8), unaligned loads and stores, a
+// sum of lanes, and an exp of our own, so that no -ffast-math is needed for a vector exp.
 
 #pragma once
 
@@ -24,6 +24,18 @@ static inline vec load(const float* p) {
 static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
 static inline vec splat(float a) { return vec{} + a; }
+
+typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
+
+// The sum of a vector's lanes, a few vector adds first: 16 scalar adds in a row took longer
+// than the streamed product's loop over k that they end.
+static inline float total(vec v) {
+    vec4 part[L / 4];
+    std::memcpy(part, &v, sizeof v);
+    vec4 s = part[0];
+    for (int i = 1; i < L / 4; i++) s += part[i];
+    return (s[0] + s[2]) + (s[1] + s[3]);
+}
 
 constexpr float EXP_HI = 88.3762626647949f, EXP_LO = -87.3365447505531f;  // normal floats
 

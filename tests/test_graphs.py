@@ -115,10 +115,12 @@ def test_compiled_steps_equal_the_plain_cache(monkeypatch, layout, rows):
 def test_generate_with_compiled_steps_samples_what_eager_decoding_samples(monkeypatch):
     """generate(compile=True) on the CPU runs the compiled steps (the batch whole) and gives the
     tokens, masks and ends of eager decoding, log-probs to float32 rounding, with stop ids and
-    repeated prompts; a batch over GRAPH_ROWS decodes eagerly."""
+    repeated prompts; a batch over GRAPH_ROWS decodes eagerly. (The streamed layout's steps
+    would run in one call to C++ instead: tests/test_decode.py.)"""
     import minirm.generate as G
     import minirm.graphs
 
+    monkeypatch.setenv("MINIRM_CPU_STEP", "0")
     calls = []
     compiled = minirm.graphs.compiled_static_step
     monkeypatch.setattr(minirm.graphs, "compiled_static_step",

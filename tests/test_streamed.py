@@ -80,6 +80,29 @@ def test_streamed_linear_splits_layers_and_leaves_long_blocks_to_f_linear(monkey
     assert streamed.StreamedLinear(w1).weight.data_ptr() == w1.data_ptr()
 
 
+def test_huge_pages_hold_the_layouts_weights_on_their_boundaries(monkeypatch):
+    """HugePages hands out pieces of one block that starts on a 2 MiB boundary (where huge
+    pages are offered), each on a 64-byte one; StreamedLinear copies its layers into them, and
+    a block taken past its size is an error. Without huge pages the block is plain memory."""
+    g = torch.Generator().manual_seed(0)
+    w1, w2, w3 = (torch.randn(n, 24, generator=g) for n in (5, 3, 7))
+    memory = streamed.HugePages(w1.numel() + w2.numel() + w3.numel(), 2)
+    if streamed.huge_pages_offered():
+        assert memory.flat.data_ptr() % streamed.HUGE_PAGE == 0
+    both, alone = (streamed.StreamedLinear(w1, w2, memory=memory),
+                   streamed.StreamedLinear(w3, memory=memory))
+    assert torch.equal(both.weight, torch.cat([w1, w2])) and both.sizes == [5, 3]
+    assert torch.equal(alone.weight, w3) and alone.weight.data_ptr() != w3.data_ptr()
+    start = memory.flat.data_ptr()
+    assert both.weight.data_ptr() == start and alone.weight.data_ptr() == start + 8 * 24 * 4
+    assert alone.weight.data_ptr() % 64 == 0
+    with pytest.raises(AssertionError, match="more taken than reserved"):
+        memory.take(1)
+    monkeypatch.setattr(streamed, "huge_pages_offered", lambda: False)
+    plain = streamed.huge_page_tensor(1000)
+    assert plain.shape == (1000,) and plain.dtype == torch.float32
+
+
 def test_build_caches_the_library_and_reports_a_failed_build(monkeypatch, tmp_path):
     """The library is built once into MINIRM_CACHE and loaded from there after, or into the
     temporary folder where that folder cannot be made; a compiler that fails leaves no file

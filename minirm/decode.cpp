@@ -1,0 +1,165 @@
+// One decoding step of a Llama model on the CPU, for a few rows, in one call
+// (minirm/decode.py): every layer's norms, products, RoPE, cache writes, attention and SwiGLU,
+// then the final norm and the output layer, for one new token per row.
+//
+// The threads stay in one parallel region for the whole step. Each product is split by weight
+// rows between them (the kernel of streamed.h) and ends at a barrier; the small parts between
+// the products (a norm of a few rows, a head's attention over the cache) are shared out by
+// rows or heads.
+//
+// x: (rows, dim), the new tokens' embeddings on entry, overwritten. cos, sin: (rows, head_dim),
+// the rotation at each row's position, sin with its first half negated (model.rope_cos_sin).
+// k_cache, v_cache: (n_layers, rows, n_kv_heads, max_len, head_dim), written at `slot`.
+// mask: (rows, max_len), the slots that hold real tokens, this one included.
+// logits: (rows, vocab).
+
+#include <omp.h>
+
+#include <cmath>
+#include <vector>
+
+#include "streamed.h"
+
+// The dimensions, in the order decode.py passes them.
+struct Dims {
+    int64_t dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab, rows, max_len, slot;
+};
+
+// y = x r w with r = (mean(x^2) + eps)^-1/2, one row of d.
+static void rms_norm(const float* x, const float* w, float* y, int64_t d, float eps) {
+    vec acc = {};
+    int64_t j = 0;
+    for (; j + L <= d; j += L) acc += load(x + j) * load(x + j);
+    float squares = total(acc);
+    for (; j < d; j++) squares += x[j] * x[j];
+    const float r = 1.0f / std::sqrt(squares / d + eps);
+    for (j = 0; j + L <= d; j += L) store(y + j, load(x + j) * r * load(w + j));
+    for (; j < d; j++) y[j] = x[j] * r * w[j];
+}
+
+// The rotate-half RoPE of one head's vector: y = x cos + roll(x, d/2) sin.
+static void rope(const float* x, const float* cos, const float* sin, float* y, int64_t d) {
+    const int64_t half = d / 2;
+    for (int64_t j = 0; j < d; j++) y[j] = x[j] * cos[j] + x[(j + half) % d] * sin[j];
+}
+
+static float dot(const float* a, const float* b, int64_t d) {
+    vec acc = {};
+    int64_t j = 0;
+    for (; j + L <= d; j += L) acc += load(a + j) * load(b + j);
+    float s = total(acc);
+    for (; j < d; j++) s += a[j] * b[j];
+    return s;
+}
+
+// One query head of one row against its key/value head's slots 0 .. slot: the slots the row's
+// mask marks, and its own. scores has room for the slots rounded up to whole vectors.
+static void attend(const float* q, const float* k, const float* v, const uint8_t* mask,
+                   int64_t slot, int64_t d, float* scores, float* out) {
+    const int64_t S = slot + 1, padded = (S + L - 1) / L * L;
+    const float scale = 1.0f / std::sqrt((float)d);
+    float top = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+        scores[s] = (mask[s] || s == slot) ? dot(q, k + s * d, d) * scale : -INFINITY;
+        top = scores[s] > top ? scores[s] : top;
+    }
+    for (int64_t s = S; s < padded; s++) scores[s] = -INFINITY;
+    // e^(score - top): exactly 0 for the masked slots, NaN throughout if a score is NaN.
+    vec sums = {};
+    for (int64_t s = 0; s < padded; s += L) {
+        vec e = vexp_nonpositive(load(scores + s) - splat(top));
+        store(scores + s, e);
+        sums += e;
+    }
+    const float inv = 1.0f / total(sums);
+    for (int64_t j = 0; j < d; j++) out[j] = 0;
+    for (int64_t s = 0; s < S; s++) {
+        const float p = scores[s] * inv;
+        if (p == 0) continue;  // a masked slot: its value is not read
+        const float* vs = v + s * d;
+        int64_t j = 0;
+        for (; j + L <= d; j += L) store(out + j, load(out + j) + splat(p) * load(vs + j));
+        for (; j < d; j++) out[j] += p * vs[j];
+    }
+}
+
+// silu(g) u = g u / (1 + e^-g), for n gates g and the n ups u that follow them.
+static void swiglu(const float* g, const float* u, float* h, int64_t n) {
+    int64_t j = 0;
+    for (; j + L <= n; j += L) {
+        vec gv = load(g + j);
+        store(h + j, gv * load(u + j) / (splat(1.0f) + vexp(-gv)));
+    }
+    for (; j < n; j++) h[j] = g[j] * u[j] / (1.0f + std::exp(-g[j]));
+}
+
+// weights: for each layer its attention norm, q/k/v stacked, output projection, feed-forward
+// norm, gate/up stacked and down projection (six pointers), then the final norm and the head.
+extern "C" void minirm_decode_step(const float* const* weights, const int64_t* dims_in,
+                                   float eps, float* x, const float* cos, const float* sin,
+                                   float* k_cache, float* v_cache, const uint8_t* mask,
+                                   float* logits) {
+    Dims n;
+    std::memcpy(&n, dims_in, sizeof n);
+    const int64_t D = n.head_dim, H = n.n_heads, Hkv = n.n_kv_heads, B = n.rows;
+    const int64_t qkv_n = (H + 2 * Hkv) * D, att_n = H * D, F = n.ffn_dim;
+    const int64_t padded = (n.slot + 1 + L - 1) / L * L;
+    std::vector<float> h(B * n.dim), qkv(B * qkv_n), att(B * att_n), gu(B * 2 * F),
+        act(B * F), out(B * n.dim);
+    const int threads = omp_get_max_threads();
+    std::vector<float> scratch(threads * (padded + D));  // scores and a rotated query a thread
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        float* scores = scratch.data() + t * (padded + D);
+        float* q = scores + padded;
+        for (int64_t l = 0; l < n.n_layers; l++) {
+            const float* const* w = weights + 6 * l;
+            const int64_t layer = l * B * Hkv * n.max_len * D;  // this layer's cache
+            #pragma omp for
+            for (int64_t b = 0; b < B; b++)
+                rms_norm(x + b * n.dim, w[0], h.data() + b * n.dim, n.dim, eps);
+            streamed_share(h.data(), w[1], qkv.data(), B, qkv_n, n.dim, t, T);
+            #pragma omp barrier
+            #pragma omp for
+            for (int64_t i = 0; i < B * Hkv; i++) {  // this position's key and value
+                const int64_t b = i / Hkv, g = i % Hkv;
+                const float* kv = qkv.data() + b * qkv_n + (H + g) * D;
+                const int64_t at = layer + (i * n.max_len + n.slot) * D;
+                rope(kv, cos + b * D, sin + b * D, k_cache + at, D);
+                std::memcpy(v_cache + at, kv + Hkv * D, D * sizeof(float));
+            }
+            #pragma omp for
+            for (int64_t i = 0; i < B * H; i++) {  // one query head of one row
+                const int64_t b = i / H, head = i % H, g = head / (H / Hkv);
+                rope(qkv.data() + b * qkv_n + head * D, cos + b * D, sin + b * D, q, D);
+                const int64_t slots = layer + (b * Hkv + g) * n.max_len * D;
+                attend(q, k_cache + slots, v_cache + slots, mask + b * n.max_len, n.slot, D,
+                       scores, att.data() + b * att_n + head * D);
+            }
+            streamed_share(att.data(), w[2], out.data(), B, n.dim, att_n, t, T);
+            #pragma omp barrier
+            #pragma omp for
+            for (int64_t b = 0; b < B; b++) {  // the residual, and the feed-forward's norm
+                float* xb = x + b * n.dim;
+                for (int64_t j = 0; j < n.dim; j++) xb[j] += out[b * n.dim + j];
+                rms_norm(xb, w[3], h.data() + b * n.dim, n.dim, eps);
+            }
+            streamed_share(h.data(), w[4], gu.data(), B, 2 * F, n.dim, t, T);
+            #pragma omp barrier
+            #pragma omp for
+            for (int64_t b = 0; b < B; b++)
+                swiglu(gu.data() + b * 2 * F, gu.data() + b * 2 * F + F, act.data() + b * F, F);
+            streamed_share(act.data(), w[5], out.data(), B, n.dim, F, t, T);
+            #pragma omp barrier
+            #pragma omp for
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t j = 0; j < n.dim; j++) x[b * n.dim + j] += out[b * n.dim + j];
+        }
+        const float* const* last = weights + 6 * n.n_layers;
+        #pragma omp for
+        for (int64_t b = 0; b < B; b++)
+            rms_norm(x + b * n.dim, last[0], h.data() + b * n.dim, n.dim, eps);
+        streamed_share(h.data(), last[1], logits, B, n.vocab, n.dim, t, T);
+    }
+}
