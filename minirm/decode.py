@@ -55,18 +55,31 @@ def applies(model, cache, rows: int) -> bool:
     if type(cache) is not KVCache or cache.k is None or not 0 < rows <= streamed.MAX_ROWS:
         return False
     head = model.packed_head
+    norms = [model.norm.weight] + [layer.attention_norm.weight for layer in model.layers] + [
+        layer.ffn_norm.weight for layer in model.layers]
     return (isinstance(head, StreamedLinear) and cache.k.dtype == torch.float32
-            and cache.k.device.type == "cpu" and cache.k.is_contiguous()
-            and cache.v.is_contiguous() and cache.pos < cache.max_len
+            and cache.k.device.type == "cpu" and cache.pos < cache.max_len
             and all(isinstance(layer.attention.packed[0], StreamedLinear)
                     for layer in model.layers)
-            and available())
+            and all(w.dtype == torch.float32 for w in norms)
+            and _cache_fits(model.cfg, cache, rows) and available())
+
+
+def _cache_fits(cfg, cache, rows) -> bool:
+    """The cache's buffers are laid out as the kernel reads them, for `rows` rows."""
+    shape = (cfg.n_layers, rows, cfg.n_kv_heads, cache.max_len, cfg.head_dim)
+    return (cache.k.shape == cache.v.shape == shape and cache.k.is_contiguous()
+            and cache.v.is_contiguous() and cache.v.dtype == torch.float32
+            and cache.mask.shape == (rows, cache.max_len) and cache.mask.dtype == torch.bool
+            and cache.mask.is_contiguous())
 
 
 class Step:
     """Decoding steps of `model` in its streamed layout: `step(tokens, cache)` takes one token
     per row (B,), writes its keys and values into `cache` and advances it, and returns the
-    next position's logits (B, vocab), as `model(tokens[:, None], None, cache)[:, -1]` does."""
+    next position's logits (B, vocab), as `model(tokens[:, None], None, cache)[:, -1]` does,
+    for a cache that `applies` accepts. A step reads the layout's weights as they were when it
+    was made: after the weights change, make a new one (`generate` makes one a call)."""
 
     def __init__(self, model):
         if not available():
@@ -80,17 +93,22 @@ class Step:
         weights += [model.norm.weight, model.packed_head.weight]
         # Held here: the step reads them by address.
         self.weights = [w.detach().contiguous() for w in weights]
-        assert all(w.dtype == torch.float32 for w in self.weights), "the step takes float32"
+        if any(w.dtype != torch.float32 for w in self.weights):
+            raise ValueError("the decoding step takes float32 weights (decode.applies)")
         self.pointers = (_P * len(self.weights))(*[w.data_ptr() for w in self.weights])
         self.embedding = model.tok_embeddings.weight.detach()
         self.inv_freq = model.inv_freq(torch.device("cpu"))
         self.dims = [cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                      cfg.ffn_dim, self.weights[-1].shape[0]]
         self.eps = cfg.norm_eps
+        self.cfg = cfg
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         B = len(tokens)
+        if cache.k is None or not _cache_fits(self.cfg, cache, B):
+            raise ValueError(f"a decoding step of {B} rows needs a prefilled KVCache of {B} "
+                             "rows with contiguous buffers (decode.applies)")
         new = torch.ones(B, 1, dtype=torch.bool)
         cache.start(new)  # this slot marked real in cache.mask
         # Each row's position: the real tokens it has so far (Transformer.body's rule).

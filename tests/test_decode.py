@@ -23,13 +23,13 @@ needs_step = pytest.mark.skipif(not decode.available(),
                                 reason="the decoding step is not built here (no C++ compiler)")
 
 # Shapes for each path of the kernel: head sizes 64, 128 and 40 (not whole vectors), groups of
-# 1, 3 and 5 query heads per key/value head, heads * head_dim unlike dim, a feed-forward width
-# and a vocabulary that leave scalar tails, tied and untied heads.
+# 3, 1 and 5 query heads per key/value head, heads * head_dim above and below dim, a
+# feed-forward width and a vocabulary that leave scalar tails, tied and untied heads.
 SHAPES = {
     "gqa3": dict(dim=384, n_heads=6, n_kv_heads=2, ffn_dim=1024, vocab_size=512),
-    "d128": dict(dim=384, n_heads=3, n_kv_heads=3, ffn_dim=1000, vocab_size=517,
+    "d128": dict(dim=384, n_heads=4, n_kv_heads=4, ffn_dim=1000, vocab_size=517,
                  head_dim=128, tie_embeddings=True),
-    "d40": dict(dim=400, n_heads=10, n_kv_heads=2, ffn_dim=1000, vocab_size=301,
+    "d40": dict(dim=400, n_heads=5, n_kv_heads=1, ffn_dim=1000, vocab_size=301,
                 head_dim=40),
 }
 
@@ -128,6 +128,16 @@ def test_where_the_step_applies(monkeypatch):
             assert not decode.applies(model, cache, 3)
             monkeypatch.delenv("MINIRM_CPU_STEP")
             assert not decode.applies(model, StaticKVCache(prefilled(model, prompts, 4)), 3)
+            odd = prefilled(model, prompts, 4)
+            odd.mask = odd.mask.t().contiguous().t()  # the same mask, laid out by columns
+            assert not decode.applies(model, odd, 3)
+            with pytest.raises(ValueError, match="needs a prefilled KVCache of 3 rows"):
+                decode.Step(model)(torch.ones(3, dtype=torch.long), odd)
+            with pytest.raises(ValueError, match="of 2 rows"):
+                decode.Step(model)(torch.ones(2, dtype=torch.long), cache)
+            model.norm.weight.data = model.norm.weight.data.bfloat16()
+            assert not decode.applies(model, cache, 3)  # a norm in another dtype
+            model.norm.weight.data = model.norm.weight.data.float()
         assert not decode.applies(model, cache, 3)  # outside the layout: the model's weights
         monkeypatch.setenv("MINIRM_CPU_MATMUL", "blas")
         with packed.packed_for_decoding(model, 3):
