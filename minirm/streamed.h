@@ -2,14 +2,15 @@
 // streamed.cpp (minirm/streamed.py) and of the whole decoding step, decode.cpp.
 //
 // x: (rows, k), W: (n, k) as nn.Linear stores it, y: (rows, n); float32, contiguous.
-// Each thread takes W's rows four at a time (outputs o .. o + 3) and, for up to 8 rows of x at a
-// time, keeps 4 x 8 running sums in vector registers while it walks the columns (in chunks,
-// below): one load of W serves every row of x, and the four W rows give independent chains of
-// adds even for a single row of x. While it reads one block of rows it asks the memory system
-// for the next (a prefetch): without that, the hardware brought W in at half the speed
-// (measured on a 2-core Xeon, 8 rows: 14 -> 26 GB/s for a 113 MB matrix). Four rows a block
-// read 4-5% faster than two at 1 to 8 rows of x, with 16 or 8 lanes, though 4 x 8 sums fill the
-// registers.
+// Each thread takes W's rows four at a time (outputs o .. o + 3; two for one short row of x,
+// below) and, for up to 8 rows of x at a time, keeps 4 x 8 running sums in vector registers
+// while it walks the columns (in chunks, below): one load of W serves every row of x, and the
+// four W rows give independent chains of adds even for a single row of x. While it reads one
+// block of rows it asks the memory system for the next (a prefetch): without that, the hardware
+// brought W in at half the speed (measured on a 2-core Xeon, 8 rows: 14 -> 26 GB/s for a 113 MB
+// matrix). In 4 KiB pages four rows a block read 4-5% faster than two at 1 to 8 rows of x, with
+// 16 or 8 lanes, though 4 x 8 sums fill the registers; in 2 MiB pages two are faster for one
+// row of a short W (streamed_share).
 
 #pragma once
 
@@ -64,22 +65,36 @@ static void outputs(const float* x, const float* w, float* y, int64_t o, int64_t
     }
 }
 
-// Thread t of `threads` computes its share of y = x W^T: a contiguous range of W's rows.
-static void streamed_share(const float* x, const float* w, float* y, int64_t rows, int64_t n,
-                           int64_t k, int t, int threads) {
+// Thread t of `threads` computes its share of y = x W^T: a contiguous range of W's rows, in
+// blocks of OB rows.
+template <int OB>
+static void share(const float* x, const float* w, float* y, int64_t rows, int64_t n, int64_t k,
+                  int t, int threads) {
     // Columns are taken in chunks of x that stay in the first-level cache (24 KB of its 48)
     // while the weights stream past: with all 1536 columns of 8 rows (48 KB) at once, SwiGLU's
     // down projection read at 12 GB/s, against 19-23 for the 576-column matrices.
     // Not under 768 columns: for 16 rows, 576 columns in two chunks read slower than in one.
     const int64_t chunk = rows <= 8 ? 6144 / rows / L * L : 768;
-    const int64_t blocks = n / 4;
+    const int64_t blocks = n / OB;
     const int64_t first = blocks * t / threads, last = blocks * (t + 1) / threads;
     for (int64_t begin = 0; begin < k; begin += chunk) {
         const int64_t end = begin + chunk < k ? begin + chunk : k;
         for (int64_t b = first; b < last; b++)
-            outputs<4>(x, w, y, 4 * b, rows, n, k, begin, end);
-        if (t == threads - 1)  // the last n % 4 outputs, one at a time
-            for (int64_t o = 4 * blocks; o < n; o++)
+            outputs<OB>(x, w, y, OB * b, rows, n, k, begin, end);
+        if (t == threads - 1)  // the last n % OB outputs, one at a time
+            for (int64_t o = OB * blocks; o < n; o++)
                 outputs<1>(x, w, y, o, rows, n, k, begin, end);
     }
+}
+
+// Blocks of two rows for a single row of x and short rows of W: SmolLM2-135M's weights (576 and
+// 1536 columns) in 2 MiB pages streamed at one row in 18.1-18.3 ms against 18.9-19.0 with four
+// (Xeon, in turns), where at 8 rows four were 2% faster, and at one row of llama-3.2-1b's
+// (2048 and 8192 columns) 2% faster too.
+static void streamed_share(const float* x, const float* w, float* y, int64_t rows, int64_t n,
+                           int64_t k, int t, int threads) {
+    if (rows == 1 && k < 2048)
+        share<2>(x, w, y, rows, n, k, t, threads);
+    else
+        share<4>(x, w, y, rows, n, k, t, threads);
 }

@@ -32,12 +32,13 @@ needs_kernel = pytest.mark.skipif(not streamed.available(),
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17])
 def test_product_is_x_times_w_transposed(rows):
     """Every row count up to MAX_ROWS and past it (groups of 8 rows and a rest), numbers of
-    outputs that are not a multiple of the kernel's blocks of four (the rest one at a time),
-    widths that are and are not a multiple of the vector length (a scalar tail), a strided x,
+    outputs that are not a multiple of the kernel's blocks of four or two (the rest one at a
+    time), widths that are and are not a multiple of the vector length (a scalar tail), widths
+    on both sides of 2048 (where one row changes blocks), a strided x,
     and empty sums: within float32 rounding of the float64 product. Each output is summed by
     one thread in a fixed order, so one thread gives the same bits."""
     g = torch.Generator().manual_seed(rows)
-    for n, k in ((1, 1), (7, 5), (33, 40), (96, 384), (31, 1537), (960, 576)):
+    for n, k in ((1, 1), (7, 5), (33, 40), (96, 384), (31, 1537), (960, 576), (11, 2053)):
         x = torch.randn(rows, k, generator=g)
         w = torch.randn(n, k, generator=g)
         y = streamed.product(x, w)
