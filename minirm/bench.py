@@ -64,7 +64,8 @@ matrix-vector).
 The machine's limits are measured first, in the same run: float32 matmul FLOP/s (n x n by n x n,
 the faster of torch's BLAS and oneDNN, which minirm's training and scoring use: `minirm.onednn`)
 and memory bandwidth (bytes of an n x n matrix read by one matrix-vector product of torch's
-BLAS: the access pattern of batch-1 decoding; on the CPU the faster of the matrix in plain
+BLAS: the access pattern of batch-1 decoding; 256 MiB, or 1 GiB past a processor's cache of
+480 MiB, `matvec_size`; on the CPU the faster of the matrix in plain
 memory and in huge pages, where minirm's streamed layout keeps its weights:
 `minirm.streamed.HugePages`), each from the fastest of 10 or more calls (a median let other
 jobs on the machine pull the ceiling under what the cases reach).
@@ -78,12 +79,14 @@ median, not a confidence interval (the spread of repeats is not reported).
 
 import gc
 import json
+import math
 import os
 import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -129,7 +132,9 @@ class Shapes:
     heads: tuple = (9, 3, 64)             # attention: query heads, kv heads, head_dim
     attn_lens: tuple = (512, 2048, 4096)
     matmul_n: int = 2048                  # limits: n x n float32 matmul
-    matvec_n: int = 8192                  # limits: n x n float32 matrix (256 MiB) times a vector
+    # limits: an n x n float32 matrix times a vector; 0: 8192 (256 MiB), or more where the
+    # processor's last-level cache is over half of that (`matvec_size`)
+    matvec_n: int = 0
     # The GPU cases (part 3 of the performance targets), in bfloat16 on CUDA:
     gpu_train_preset: str = "llama-3.2-1b"
     gpu_train: tuple = (2, 4096)          # one pair of 4096-token sequences per step
@@ -228,11 +233,36 @@ def synced(fn, device):
     return call
 
 
+def last_level_cache() -> int:
+    """Bytes of the processor's largest cache as Linux reports it (sysfs), 0 where unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip()  # "480M", "2048K"
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1], 0))
+        except (OSError, ValueError, IndexError):
+            pass
+    return max(sizes, default=0)
+
+
+def matvec_size(sh: Shapes) -> int:
+    """n for the bandwidth limit's n x n float32 matrix on the CPU: `Shapes.matvec_n` if set,
+    else 8192 (256 MiB), or the multiple of 1024 past twice the last-level cache when that is
+    larger. A matrix that a cache holds in part streams faster than memory allows: on a Xeon
+    host reporting 480 MiB of L3, the fastest of 12 products read a 256 MiB matrix at
+    35.6-36.9 GB/s and a 1 GiB one at 33.0-33.6, in turns; SmolLM2-135M's 538 MB of weights
+    do not fit either."""
+    if sh.matvec_n:
+        return sh.matvec_n
+    past = math.isqrt(2 * last_level_cache() // 4) // 1024 * 1024 + 1024
+    return max(8192, past)
+
+
 def measure_limits(sh: Shapes, repeats: int, device=torch.device("cpu")) -> dict:
     """Matmul FLOP/s and memory bandwidth (bytes/s) of this machine and thread count: float32
     on the CPU, bfloat16 on a GPU (the dtype each one's cases run in)."""
     gpu = device.type == "cuda"
-    n, nv = (sh.gpu_matmul_n, sh.gpu_matvec_n) if gpu else (sh.matmul_n, sh.matvec_n)
+    n, nv = (sh.gpu_matmul_n, sh.gpu_matvec_n) if gpu else (sh.matmul_n, matvec_size(sh))
     dtype = torch.bfloat16 if gpu else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     t = fastest(synced(lambda: a @ b, device), max(repeats, 10))
@@ -247,7 +277,9 @@ def measure_limits(sh: Shapes, repeats: int, device=torch.device("cpu")) -> dict
     if not gpu:  # the same matrix in 2 MiB pages: 5-10% faster to stream on the Xeon
         from minirm.streamed import huge_page_tensor
         huge = huge_page_tensor(m.numel()).view_as(m).copy_(m)
+        del m  # one copy at a time: 1 GiB each past a large cache
         t = min(t, fastest(lambda: torch.mv(huge, x), max(repeats, 10)))
+        m = huge
     return {"matmul_flops": matmul, "bandwidth_bytes_per_s": m.numel() * m.element_size() / t}
 
 
@@ -758,7 +790,9 @@ def format_table(result) -> str:
              *([f"gpu: {m['gpu']}"] if m.get("gpu") else []),
              f"limits: {'bfloat16' if m.get('gpu') else 'float32'} matmul "
              f"{lim['matmul_flops'] / 1e9:.1f} GFLOP/s, memory bandwidth "
-             f"{lim['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", ""]
+             f"{lim['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"
+             + (f" (a {m['bandwidth_matrix_bytes'] / 2**20:.4g} MiB matrix)"
+                if "bandwidth_matrix_bytes" in m else ""), ""]
     head = ("case", "unit", "minirm", "transformers", "ratio", "of limit", "note")
     body = [(c["name"], c["unit"], _num(c["minirm"]), _num(c["transformers"]),
              "-" if c["ratio"] is None else f"{c['ratio']:.2f}",
@@ -809,6 +843,8 @@ def _run(s, selected, progress):
     result = {"machine": machine(device), "settings": asdict(s)}
     limits = measure_limits(sh, s.repeats, device)
     result["limits"] = limits
+    nv = sh.gpu_matvec_n if device.type == "cuda" else matvec_size(sh)
+    result["machine"]["bandwidth_matrix_bytes"] = nv * nv * (2 if device.type == "cuda" else 4)
     cases = selected
     if progress:
         from tqdm import tqdm
