@@ -2,6 +2,7 @@
 noisy, so speed lives in `python -m minirm.bench`, never in pass/fail tests."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -70,6 +71,19 @@ def test_table_names_every_case(quick):
 def gpu_cases(device):
     return bench.run(bench.BenchSettings(cases="gpu-train,gpu-decode", quick=True, repeats=1,
                                          threads=1, device=device))
+
+
+def test_the_bandwidth_matrix_is_past_twice_the_last_level_cache(monkeypatch):
+    """256 MiB (n = 8192) unless the last-level cache is over 128 MiB, then the next multiple of
+    1024 past twice the cache; an explicit size stays; the cache's size read from sysfs."""
+    for cache, n in ((0, 8192), (32 << 20, 8192), (480 << 20, 16384), (1 << 30, 23552)):
+        monkeypatch.setattr(bench, "last_level_cache", lambda c=cache: c)
+        assert bench.matvec_size(bench.FULL) == n
+        assert n * n * 4 >= 2 * cache
+    assert bench.matvec_size(bench.QUICK) == 256
+    monkeypatch.undo()
+    if os.path.exists("/sys/devices/system/cpu/cpu0/cache/index0/size"):  # Linux
+        assert bench.last_level_cache() > 0
 
 
 def test_gpu_cases_run_at_quick_sizes_on_the_cpu():
