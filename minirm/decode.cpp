@@ -7,11 +7,10 @@
 // the products (a norm of a few rows, a head's attention over the cache) are shared out by
 // rows or heads.
 //
-// x: (rows, dim), the new tokens' embeddings on entry, overwritten. cos, sin: (rows, head_dim),
-// the rotation at each row's position, sin with its first half negated (model.rope_cos_sin).
-// k_cache, v_cache: (n_layers, rows, n_kv_heads, max_len, head_dim), written at `slot`.
-// mask: (rows, max_len), the slots that hold real tokens, this one included.
-// logits: (rows, vocab).
+// tokens: (rows,), the new token of each row. k_cache, v_cache: (n_layers, rows, n_kv_heads,
+// max_len, head_dim), written at `slot`. mask: (rows, max_len), the slots that hold real
+// tokens, and lengths: (rows,), how many each row has: the step marks its slot and adds one, as
+// KVCache.start and KVCache.advance do. logits: (rows, vocab).
 
 #include <omp.h>
 
@@ -22,7 +21,8 @@
 
 // The dimensions, in the order decode.py passes them.
 struct Dims {
-    int64_t dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab, rows, max_len, slot;
+    int64_t dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab, rows, max_len, slot,
+        embedding_rows;
 };
 
 // y = x r w with r = (mean(x^2) + eps)^-1/2, one row of d.
@@ -95,17 +95,35 @@ static void swiglu(const float* g, const float* u, float* h, int64_t n) {
 
 // weights: for each layer its attention norm, q/k/v stacked, output projection, feed-forward
 // norm, gate/up stacked and down projection (six pointers), then the final norm and the head.
-extern "C" void minirm_decode_step(const float* const* weights, const int64_t* dims_in,
-                                   float eps, float* x, const float* cos, const float* sin,
-                                   float* k_cache, float* v_cache, const uint8_t* mask,
-                                   float* logits) {
+// Returns -1, having changed nothing, when a token is outside the embedding; else 0.
+extern "C" int minirm_decode_step(const float* const* weights, const int64_t* dims_in,
+                                  float eps, const int64_t* tokens, const float* embedding,
+                                  const float* inv_freq, float* k_cache, float* v_cache,
+                                  uint8_t* mask, int64_t* lengths, float* logits) {
     Dims n;
     std::memcpy(&n, dims_in, sizeof n);
     const int64_t D = n.head_dim, H = n.n_heads, Hkv = n.n_kv_heads, B = n.rows;
     const int64_t qkv_n = (H + 2 * Hkv) * D, att_n = H * D, F = n.ffn_dim;
     const int64_t padded = (n.slot + 1 + L - 1) / L * L;
+    for (int64_t b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= n.embedding_rows) return -1;
+    std::vector<float> x(B * n.dim), cos(B * D), sin(B * D);
     std::vector<float> h(B * n.dim), qkv(B * qkv_n), att(B * att_n), gu(B * 2 * F),
         act(B * F), out(B * n.dim);
+    for (int64_t b = 0; b < B; b++) {
+        std::memcpy(&x[b * n.dim], embedding + tokens[b] * n.dim, n.dim * sizeof(float));
+        // The rotation at the row's position, its real tokens so far (Transformer.body's rule),
+        // in model.rope_cos_sin's form: the angles in float32, sin's first half negated.
+        const float position = (float)lengths[b];
+        for (int64_t j = 0; j < D / 2; j++) {
+            const float angle = position * inv_freq[j], c = std::cos(angle), s = std::sin(angle);
+            cos[b * D + j] = cos[b * D + D / 2 + j] = c;
+            sin[b * D + j] = -s;
+            sin[b * D + D / 2 + j] = s;
+        }
+        mask[b * n.max_len + n.slot] = 1;
+        lengths[b] += 1;
+    }
     const int threads = omp_get_max_threads();
     std::vector<float> scratch(threads * (padded + D));  // scores and a rotated query a thread
     #pragma omp parallel num_threads(threads)
@@ -118,7 +136,7 @@ extern "C" void minirm_decode_step(const float* const* weights, const int64_t* d
             const int64_t layer = l * B * Hkv * n.max_len * D;  // this layer's cache
             #pragma omp for
             for (int64_t b = 0; b < B; b++)
-                rms_norm(x + b * n.dim, w[0], h.data() + b * n.dim, n.dim, eps);
+                rms_norm(&x[b * n.dim], w[0], h.data() + b * n.dim, n.dim, eps);
             streamed_share(h.data(), w[1], qkv.data(), B, qkv_n, n.dim, t, T);
             #pragma omp barrier
             #pragma omp for
@@ -126,13 +144,13 @@ extern "C" void minirm_decode_step(const float* const* weights, const int64_t* d
                 const int64_t b = i / Hkv, g = i % Hkv;
                 const float* kv = qkv.data() + b * qkv_n + (H + g) * D;
                 const int64_t at = layer + (i * n.max_len + n.slot) * D;
-                rope(kv, cos + b * D, sin + b * D, k_cache + at, D);
+                rope(kv, &cos[b * D], &sin[b * D], k_cache + at, D);
                 std::memcpy(v_cache + at, kv + Hkv * D, D * sizeof(float));
             }
             #pragma omp for
             for (int64_t i = 0; i < B * H; i++) {  // one query head of one row
                 const int64_t b = i / H, head = i % H, g = head / (H / Hkv);
-                rope(qkv.data() + b * qkv_n + head * D, cos + b * D, sin + b * D, q, D);
+                rope(qkv.data() + b * qkv_n + head * D, &cos[b * D], &sin[b * D], q, D);
                 const int64_t slots = layer + (b * Hkv + g) * n.max_len * D;
                 attend(q, k_cache + slots, v_cache + slots, mask + b * n.max_len, n.slot, D,
                        scores, att.data() + b * att_n + head * D);
@@ -141,7 +159,7 @@ extern "C" void minirm_decode_step(const float* const* weights, const int64_t* d
             #pragma omp barrier
             #pragma omp for
             for (int64_t b = 0; b < B; b++) {  // the residual, and the feed-forward's norm
-                float* xb = x + b * n.dim;
+                float* xb = &x[b * n.dim];
                 for (int64_t j = 0; j < n.dim; j++) xb[j] += out[b * n.dim + j];
                 rms_norm(xb, w[3], h.data() + b * n.dim, n.dim, eps);
             }
@@ -159,7 +177,8 @@ extern "C" void minirm_decode_step(const float* const* weights, const int64_t* d
         const float* const* last = weights + 6 * n.n_layers;
         #pragma omp for
         for (int64_t b = 0; b < B; b++)
-            rms_norm(x + b * n.dim, last[0], h.data() + b * n.dim, n.dim, eps);
+            rms_norm(&x[b * n.dim], last[0], h.data() + b * n.dim, n.dim, eps);
         streamed_share(h.data(), last[1], logits, B, n.vocab, n.dim, t, T);
     }
+    return 0;
 }

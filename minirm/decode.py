@@ -9,8 +9,9 @@ a step 32 ms eager and 27 ms compiled (`generate(compile=True)`: inductor fuses 
 operations, yet each product and attention's two batched products stay a call of their own,
 and dynamo checks ~3,400 guards before each step).
 
-This step is the same model written once more, in C++: for each layer the RMSNorm, the q/k/v
-product, RoPE, the key and value written into the cache, attention over the cache, the output
+This step is the same model written once more, in C++: the tokens' embeddings, each row's
+RoPE angles at its position and the cache's bookkeeping (the slot marked, the lengths
+advanced); then for each layer the RMSNorm, the q/k/v product, RoPE, the key and value written into the cache, attention over the cache, the output
 product and residual, the feed-forward's norm, gate/up product, SwiGLU, down product and
 residual; then the final norm and the output layer. The products are the streamed kernel of
 `minirm.streamed` (each weight read once for all rows), the threads stay in one parallel
@@ -30,15 +31,15 @@ import os
 import torch
 
 from minirm import streamed
-from minirm.model import KVCache, rope_cos_sin
+from minirm.model import KVCache
 from minirm.native import Library
 from minirm.streamed import StreamedLinear
 
 _P = ctypes.c_void_p
 steps_run = 0  # by `Step`s in this process: the bench notes whether a case took them
 LIBRARY = Library("decode.cpp", {
-    "minirm_decode_step": [_P, _P, ctypes.c_float] + [_P] * 7,
-})
+    "minirm_decode_step": [_P, _P, ctypes.c_float] + [_P] * 8,
+}, returns=("minirm_decode_step",))
 
 
 def available() -> bool:
@@ -96,8 +97,10 @@ class Step:
         if any(w.dtype != torch.float32 for w in self.weights):
             raise ValueError("the decoding step takes float32 weights (decode.applies)")
         self.pointers = (_P * len(self.weights))(*[w.data_ptr() for w in self.weights])
-        self.embedding = model.tok_embeddings.weight.detach()
-        self.inv_freq = model.inv_freq(torch.device("cpu"))
+        self.embedding = model.tok_embeddings.weight.detach().contiguous()
+        self.inv_freq = model.inv_freq(torch.device("cpu")).float().contiguous()
+        if self.embedding.dtype != torch.float32:
+            raise ValueError("the decoding step takes float32 weights (decode.applies)")
         self.dims = [cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                      cfg.ffn_dim, self.weights[-1].shape[0]]
         self.eps = cfg.norm_eps
@@ -109,18 +112,23 @@ class Step:
         if cache.k is None or not _cache_fits(self.cfg, cache, B):
             raise ValueError(f"a decoding step of {B} rows needs a prefilled KVCache of {B} "
                              "rows with contiguous buffers (decode.applies)")
-        new = torch.ones(B, 1, dtype=torch.bool)
-        cache.start(new)  # this slot marked real in cache.mask
-        # Each row's position: the real tokens it has so far (Transformer.body's rule).
-        cos, sin = rope_cos_sin(self.inv_freq, cache.lengths[:, None], torch.float32)
-        cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
-        x = self.embedding[tokens]  # (B, dim), a copy: the step overwrites it
-        logits = x.new_empty(B, self.dims[-1])
-        dims = (ctypes.c_int64 * 10)(*self.dims, B, cache.max_len, cache.pos)
-        LIBRARY.lib.minirm_decode_step(
-            self.pointers, dims, self.eps, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-            cache.k.data_ptr(), cache.v.data_ptr(), cache.mask.data_ptr(), logits.data_ptr())
-        cache.advance(new)
+        if cache.pos >= cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; all are filled")
+        # The kernel does the rest of KVCache.start and .advance itself (marks the slot real
+        # in cache.mask, adds one to cache.lengths), and looks the tokens up and rotates by each
+        # row's position as Transformer.body does: each of those is a small operation a step,
+        # and after a step has swept the caches, ~10 us each from Python.
+        tokens = tokens.to(torch.int64).contiguous()
+        logits = torch.empty(B, self.dims[-1])
+        dims = (ctypes.c_int64 * 11)(*self.dims, B, cache.max_len, cache.pos, len(self.embedding))
+        status = LIBRARY.lib.minirm_decode_step(
+            self.pointers, dims, self.eps, tokens.data_ptr(), self.embedding.data_ptr(),
+            self.inv_freq.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
+            cache.mask.data_ptr(), cache.lengths.data_ptr(), logits.data_ptr())
+        if status:
+            raise IndexError(f"token ids must be in [0, {len(self.embedding)}): got "
+                             f"{tokens.min().item()}..{tokens.max().item()}")
+        cache.pos += 1
         global steps_run
         steps_run += 1
         return logits

@@ -110,11 +110,12 @@ def build(source: Path, flags=None) -> ctypes.CDLL:
 
 class Library:
     """A source file's library, built on the first `available()` (or `get()`); `functions` maps
-    each exported C function to its argument types, set on the loaded library."""
+    each exported C function to its argument types, set on the loaded library, and `returns`
+    names the functions that return an int (the others return nothing)."""
 
-    def __init__(self, source: str, functions: dict):
+    def __init__(self, source: str, functions: dict, returns: tuple = ()):
         self.source = Path(__file__).with_name(source)
-        self.functions = functions
+        self.functions, self.returns = functions, returns
         self.flags = FLAGS
         self.lib = None
         self.why = None
@@ -124,7 +125,8 @@ class Library:
         lib = build(self.source, self.flags)
         for name, argtypes in self.functions.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int if name in self.returns else None
         return lib
 
     def available(self) -> bool:

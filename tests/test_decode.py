@@ -67,6 +67,8 @@ def check_steps(model, rows, steps=4):
             want = model(tok[:, None], None, plain)[:, -1]
             torch.testing.assert_close(step(tok, ours), want, atol=2e-5, rtol=1e-5)
         assert ours.pos == plain.pos and not decode.applies(model, ours, rows)  # cache full
+        with pytest.raises(ValueError, match="all are filled"):
+            step(tok, ours)
         torch.testing.assert_close(ours.k, plain.k, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.v, plain.v, atol=1e-5, rtol=1e-5)
         assert torch.equal(ours.mask, plain.mask) and torch.equal(ours.lengths, plain.lengths)
@@ -135,6 +137,11 @@ def test_where_the_step_applies(monkeypatch):
                 decode.Step(model)(torch.ones(3, dtype=torch.long), odd)
             with pytest.raises(ValueError, match="of 2 rows"):
                 decode.Step(model)(torch.ones(2, dtype=torch.long), cache)
+            before = cache.pos, cache.mask.clone(), cache.lengths.clone(), cache.k.clone()
+            with pytest.raises(IndexError, match=r"token ids must be in \[0, 512\)"):
+                decode.Step(model)(torch.tensor([3, 512, 4]), cache)
+            assert cache.pos == before[0] and torch.equal(cache.mask, before[1])
+            assert torch.equal(cache.lengths, before[2]) and torch.equal(cache.k, before[3])
             model.norm.weight.data = model.norm.weight.data.bfloat16()
             assert not decode.applies(model, cache, 3)  # a norm in another dtype
             model.norm.weight.data = model.norm.weight.data.float()
