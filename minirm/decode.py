@@ -11,9 +11,10 @@ and dynamo checks ~3,400 guards before each step).
 
 This step is the same model written once more, in C++: the tokens' embeddings, each row's
 RoPE angles at its position and the cache's bookkeeping (the slot marked, the lengths
-advanced); then for each layer the RMSNorm, the q/k/v product, RoPE, the key and value written into the cache, attention over the cache, the output
-product and residual, the feed-forward's norm, gate/up product, SwiGLU, down product and
-residual; then the final norm and the output layer. The products are the streamed kernel of
+advanced); then for each layer the RMSNorm, the q/k/v product, RoPE, the key and value written
+into the cache, attention over the cache, the output product and residual, the feed-forward's
+norm, gate/up product, SwiGLU, down product and residual; then the final norm and the output
+layer. The products are the streamed kernel of
 `minirm.streamed` (each weight read once for all rows), the threads stay in one parallel
 region for the whole step, and nothing returns to Python until the logits are done.
 
