@@ -5,7 +5,7 @@
 // The threads stay in one parallel region for the whole step. Each product is split by weight
 // rows between them (the kernel of streamed.h) and ends at a barrier; the small parts between
 // the products (a norm of a few rows, a head's attention over the cache) are shared out by
-// rows or heads.
+// rows or heads, with fused.cpp's row functions (fused.h).
 //
 // tokens: (rows,), the new token of each row. k_cache, v_cache: (n_layers, rows, n_kv_heads,
 // max_len, head_dim), written at `slot`. mask: (rows, max_len), the slots that hold real
@@ -17,6 +17,7 @@
 #include <cmath>
 #include <vector>
 
+#include "fused.h"
 #include "streamed.h"
 
 // The dimensions, in the order decode.py passes them.
@@ -24,24 +25,6 @@ struct Dims {
     int64_t dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab, rows, max_len, slot,
         embedding_rows;
 };
-
-// y = x r w with r = (mean(x^2) + eps)^-1/2, one row of d.
-static void rms_norm(const float* x, const float* w, float* y, int64_t d, float eps) {
-    vec acc = {};
-    int64_t j = 0;
-    for (; j + L <= d; j += L) acc += load(x + j) * load(x + j);
-    float squares = total(acc);
-    for (; j < d; j++) squares += x[j] * x[j];
-    const float r = 1.0f / std::sqrt(squares / d + eps);
-    for (j = 0; j + L <= d; j += L) store(y + j, load(x + j) * r * load(w + j));
-    for (; j < d; j++) y[j] = x[j] * r * w[j];
-}
-
-// The rotate-half RoPE of one head's vector: y = x cos + roll(x, d/2) sin.
-static void rope(const float* x, const float* cos, const float* sin, float* y, int64_t d) {
-    const int64_t half = d / 2;
-    for (int64_t j = 0; j < d; j++) y[j] = x[j] * cos[j] + x[(j + half) % d] * sin[j];
-}
 
 static float dot(const float* a, const float* b, int64_t d) {
     vec acc = {};
@@ -81,16 +64,6 @@ static void attend(const float* q, const float* k, const float* v, const uint8_t
         for (; j + L <= d; j += L) store(out + j, load(out + j) + splat(p) * load(vs + j));
         for (; j < d; j++) out[j] += p * vs[j];
     }
-}
-
-// silu(g) u = g u / (1 + e^-g), for n gates g and the n ups u that follow them.
-static void swiglu(const float* g, const float* u, float* h, int64_t n) {
-    int64_t j = 0;
-    for (; j + L <= n; j += L) {
-        vec gv = load(g + j);
-        store(h + j, gv * load(u + j) / (splat(1.0f) + vexp(-gv)));
-    }
-    for (; j < n; j++) h[j] = g[j] * u[j] / (1.0f + std::exp(-g[j]));
 }
 
 // weights: for each layer its attention norm, q/k/v stacked, output projection, feed-forward
@@ -136,7 +109,7 @@ extern "C" int minirm_decode_step(const float* const* weights, const int64_t* di
             const int64_t layer = l * B * Hkv * n.max_len * D;  // this layer's cache
             #pragma omp for
             for (int64_t b = 0; b < B; b++)
-                rms_norm(&x[b * n.dim], w[0], h.data() + b * n.dim, n.dim, eps);
+                rms_norm_row(&x[b * n.dim], w[0], h.data() + b * n.dim, n.dim, eps);
             streamed_share(h.data(), w[1], qkv.data(), B, qkv_n, n.dim, t, T);
             #pragma omp barrier
             #pragma omp for
@@ -144,13 +117,14 @@ extern "C" int minirm_decode_step(const float* const* weights, const int64_t* di
                 const int64_t b = i / Hkv, g = i % Hkv;
                 const float* kv = qkv.data() + b * qkv_n + (H + g) * D;
                 const int64_t at = layer + (i * n.max_len + n.slot) * D;
-                rope(kv, &cos[b * D], &sin[b * D], k_cache + at, D);
+                rope_head(kv, &cos[b * D], &sin[b * D], k_cache + at, D, 1.0f);
                 std::memcpy(v_cache + at, kv + Hkv * D, D * sizeof(float));
             }
             #pragma omp for
             for (int64_t i = 0; i < B * H; i++) {  // one query head of one row
                 const int64_t b = i / H, head = i % H, g = head / (H / Hkv);
-                rope(qkv.data() + b * qkv_n + head * D, &cos[b * D], &sin[b * D], q, D);
+                rope_head(qkv.data() + b * qkv_n + head * D, &cos[b * D], &sin[b * D], q, D,
+                          1.0f);
                 const int64_t slots = layer + (b * Hkv + g) * n.max_len * D;
                 attend(q, k_cache + slots, v_cache + slots, mask + b * n.max_len, n.slot, D,
                        scores, att.data() + b * att_n + head * D);
@@ -161,13 +135,14 @@ extern "C" int minirm_decode_step(const float* const* weights, const int64_t* di
             for (int64_t b = 0; b < B; b++) {  // the residual, and the feed-forward's norm
                 float* xb = &x[b * n.dim];
                 for (int64_t j = 0; j < n.dim; j++) xb[j] += out[b * n.dim + j];
-                rms_norm(xb, w[3], h.data() + b * n.dim, n.dim, eps);
+                rms_norm_row(xb, w[3], h.data() + b * n.dim, n.dim, eps);
             }
             streamed_share(h.data(), w[4], gu.data(), B, 2 * F, n.dim, t, T);
             #pragma omp barrier
             #pragma omp for
             for (int64_t b = 0; b < B; b++)
-                swiglu(gu.data() + b * 2 * F, gu.data() + b * 2 * F + F, act.data() + b * F, F);
+                swiglu_range(gu.data() + b * 2 * F, gu.data() + b * 2 * F + F,
+                             act.data() + b * F, 0, F);
             streamed_share(act.data(), w[5], out.data(), B, n.dim, F, t, T);
             #pragma omp barrier
             #pragma omp for
@@ -177,7 +152,7 @@ extern "C" int minirm_decode_step(const float* const* weights, const int64_t* di
         const float* const* last = weights + 6 * n.n_layers;
         #pragma omp for
         for (int64_t b = 0; b < B; b++)
-            rms_norm(&x[b * n.dim], last[0], h.data() + b * n.dim, n.dim, eps);
+            rms_norm_row(&x[b * n.dim], last[0], h.data() + b * n.dim, n.dim, eps);
         streamed_share(h.data(), last[1], logits, B, n.vocab, n.dim, t, T);
     }
     return 0;

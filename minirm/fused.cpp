@@ -6,9 +6,7 @@
 
 #include <omp.h>
 
-#include "vec.h"
-
-static inline vec sigmoid(vec g) { return splat(1.0f) / (splat(1.0f) + vexp(-g)); }
+#include "fused.h"
 
 // The range [begin, end) of n items that thread t of `threads` takes, in whole vectors.
 static inline void share(int64_t n, int64_t& begin, int64_t& end) {
@@ -23,18 +21,9 @@ static inline void share(int64_t n, int64_t& begin, int64_t& end) {
 extern "C" void minirm_swiglu(const float* g, const float* u, float* h, int64_t n) {
     #pragma omp parallel
     {
-        int64_t i, end;
-        share(n, i, end);
-        for (; i + L <= end; i += L) {
-            vec gv = load(g + i);
-            store(h + i, gv * sigmoid(gv) * load(u + i));
-        }
-        for (; i < end; i++) {  // the tail, in a vector padded with zeros
-            vec gv = {}, uv = {};
-            gv[0] = g[i];
-            uv[0] = u[i];
-            h[i] = (gv * sigmoid(gv) * uv)[0];
-        }
+        int64_t begin, end;
+        share(n, begin, end);
+        swiglu_range(g, u, h, begin, end);
     }
 }
 
@@ -69,53 +58,24 @@ extern "C" void minirm_swiglu_backward(const float* g, const float* u, const flo
     }
 }
 
-// Rotary embeddings in the rotate-half layout, for x (rows, heads, d) and the cos and signed
-// sin of each row's position (rows, d), the sin's first half negated:
-//   y[j] = x[j] cos[j] + x[(j + d/2) % d] sin[j].
-// With sign = -1 it rotates back, which is the gradient: dx = dy cos - roll(dy) sin.
+// Rotary embeddings in the rotate-half layout (rope_head), for x (rows, heads, d) and the cos
+// and signed sin of each row's position (rows, d); sign = -1 rotates back (the gradient).
 extern "C" void minirm_rope(const float* x, const float* cos, const float* sin, float* y,
                             int64_t rows, int64_t heads, int64_t d, float sign) {
-    const int64_t half = d / 2;
     #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float* c = cos + r * d;
-        const float* s = sin + r * d;
-        for (int64_t h = 0; h < heads; h++) {
-            const float* xr = x + (r * heads + h) * d;
-            float* yr = y + (r * heads + h) * d;
-            int64_t j = 0;
-            if (half % L == 0 && d == 2 * half) {
-                for (; j < half; j += L) {
-                    vec lo = load(xr + j), hi = load(xr + half + j);
-                    vec slo = load(s + j) * sign, shi = load(s + half + j) * sign;
-                    store(yr + j, lo * load(c + j) + hi * slo);
-                    store(yr + half + j, hi * load(c + half + j) + lo * shi);
-                }
-            } else {
-                for (; j < d; j++) yr[j] = xr[j] * c[j] + xr[(j + half) % d] * s[j] * sign;
-            }
-        }
-    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++)
+            rope_head(x + (r * heads + h) * d, cos + r * d, sin + r * d,
+                      y + (r * heads + h) * d, d, sign);
 }
 
-// RMSNorm of each row of x (rows, d) with gain w: y = x r w, r = (mean(x^2) + eps)^-1/2,
-// keeping r (rows) for the backward.
+// RMSNorm of each row of x (rows, d) with gain w (rms_norm_row), keeping r (rows) for the
+// backward.
 extern "C" void minirm_rms_norm(const float* x, const float* w, float* y, float* r,
                                 int64_t rows, int64_t d, float eps) {
     #pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < rows; row++) {
-        const float* xr = x + row * d;
-        float* yr = y + row * d;
-        vec acc = {};
-        int64_t j = 0;
-        for (; j + L <= d; j += L) acc += load(xr + j) * load(xr + j);
-        float squares = total(acc);
-        for (; j < d; j++) squares += xr[j] * xr[j];
-        const float rr = 1.0f / __builtin_sqrtf(squares / d + eps);
-        r[row] = rr;
-        for (j = 0; j + L <= d; j += L) store(yr + j, load(xr + j) * rr * load(w + j));
-        for (; j < d; j++) yr[j] = xr[j] * rr * w[j];
-    }
+    for (int64_t row = 0; row < rows; row++)
+        r[row] = rms_norm_row(x + row * d, w, y + row * d, d, eps);
 }
 
 // RMSNorm's gradients for an upstream dy, with x^ = x r and g = dy w:
