@@ -13,7 +13,9 @@ steps after the prefill replay a CUDA graph (`minirm.graphs`), whose batch stays
 launching a step's kernels one by one costs more there than reading the weights. On the CPU,
 a batch of up to 16 rows in the streamed layout (`minirm.packed`) takes each step in one call
 to C++ (`minirm.decode`): on a 2-core Xeon, SmolLM2-135M's step went from 30 ms (eager) and
-27 ms (compiled) to 20 ms at one row, and from 39-42 to 26 ms at 8 rows. Elsewhere,
+27 ms (compiled) to 20 ms at one row, and from 39-42 to 26 ms at 8 rows. Without top-k or
+top-p, the whole loop then runs there (sampling and bookkeeping too, the batch kept whole),
+which saved another 1.1 ms a token at one row. Elsewhere,
 `compile=True` runs a small batch's steps through `torch.compile` (`minirm.graphs`; the batch
 stays whole): 15-35% faster steps than eager, after 25-130 s of compiling on the first call for
 each batch size (a process that compiled the same graphs before reads them from inductor's
@@ -86,6 +88,13 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None,
     """One token per row from logits (B, V); returns (tokens (B,), logprobs (B,)). `u`: the
     rows' uniform numbers (B, 1) float64, when the caller drew them (`sample_categorical`)."""
     logits = logits.float()
+    if not top_k and (top_p is None or top_p >= 1.0):  # on the CPU, one call to C++
+        if temperature > 0 and u is None:
+            u = torch.rand(len(logits), 1, generator=generator, dtype=torch.float64,
+                           device=logits.device)  # as sample_categorical would draw it
+        drawn = decode.sample(logits, temperature, u)
+        if drawn is not None:
+            return drawn
     if temperature <= 0:
         logp = torch.log_softmax(logits, -1)
         tok = logp.argmax(-1)
@@ -201,10 +210,10 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
     # The batch being decoded: row i of the cache (and of logits) is output row alive[i].
     alive = torch.arange(B, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    steps = range(max_new_tokens)
+    bar = None
     if progress:
         from tqdm import tqdm
-        steps = tqdm(steps, desc="generate", unit="tok", leave=False)
+        bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", leave=False)
     # On the CPU a step can be one call to C++ (`minirm.decode`). Else on a GPU the steps
     # replay one CUDA graph (`minirm.graphs`), on the CPU with `compile` they run compiled;
     # either way the batch stays whole.
@@ -217,7 +226,13 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
         elif compile and device.type == "cpu" and static_steps_apply(model):
             static = decoding_step(model, cache, graph=False, compile=True)
     n = 0
-    for step in steps:
+    if whole and not top_k and (top_p is None or top_p >= 1.0):
+        # The loop below, all in C++ (the batch stays whole): nothing left for Python a token.
+        n = _loop_in_cpp(whole, cache, logits, temperature, stop_ids, pad_id, generator, out,
+                         logprobs, valid, done, bar)
+        ended |= done
+    finished = n == max_new_tokens or (len(stop_ids) and bool(done.all()))
+    for step in range(n, max_new_tokens) if not finished else ():
         u = None
         if temperature > 0:  # one number per output row, whichever rows are still decoding
             u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=device)[alive]
@@ -228,6 +243,8 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
         ended[alive] |= hit
         done |= hit
         n = step + 1
+        if bar is not None:
+            bar.update()
         if step == max_new_tokens - 1:
             break
         if len(stop_ids):  # else no row can end, and a GPU need not wait to be asked
@@ -245,8 +262,41 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
             logits = whole(tok, cache)
         else:
             logits = model(tok[:, None], None, cache)[:, -1]
+    if bar is not None:
+        bar.close()
     logprobs = logprobs.masked_fill(~valid, 0.0)
     return Generation(out[:, :n], logprobs[:, :n], valid[:, :n], ended)
+
+
+def _loop_in_cpp(whole, cache, logits, temperature, stop_ids, pad_id, generator, out, logprobs,
+                 valid, done, bar):
+    """The sampling loop of `_sample` from its first step, in calls to C++ (`decode.Step.loop`:
+    each step's sampling, bookkeeping and decoding step, with the batch kept whole). It draws
+    every step's random numbers at once, then puts the generator where the steps it took
+    would have left it. Returns the step to sample next: max_new_tokens, or where every row
+    has ended, or a step it could not take (a row's logits not all finite, a token outside the
+    embedding), which `_sample`'s own loop then takes."""
+    B, N = out.shape
+    gen = generator if generator is not None else torch.default_generator
+    u = None
+    if temperature > 0:
+        state = gen.get_state()
+        u = torch.rand(N, B, generator=gen, dtype=torch.float64)
+    chunk = 8 if bar is not None else N  # a progress bar moves every few tokens
+    n = 0
+    while n < N:
+        m = whole.loop(cache, logits, n, n + chunk, temperature, u, stop_ids, pad_id, out,
+                       logprobs, valid, done)
+        if bar is not None:
+            bar.update(m - n)
+        stopped = m < min(n + chunk, N) or (len(stop_ids) and bool(done.all()))
+        n = m
+        if stopped:
+            break
+    if u is not None and n < N:
+        gen.set_state(state)
+        torch.rand(n, B, generator=gen, dtype=torch.float64)  # as the steps taken drew them
+    return n
 
 
 def build_parser():

@@ -158,37 +158,71 @@ def test_where_the_step_applies(monkeypatch):
 
 
 @needs_step
-@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, top_k=40)])
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8),
+                                      dict(temperature=1.0, top_k=40)])
 def test_generate_with_the_step_samples_what_the_model_samples(monkeypatch, sampling):
-    """generate takes the step (with compile or not) and gives the tokens, masks and ends of
-    the model's own steps, log-probs to float32 rounding: with stop ids that end rows (which
-    then leave the batch) and a prompt given twice (its prefill copied)."""
+    """generate takes the step (with compile or not; its whole loop in C++ without top-k)
+    and gives the tokens, masks and ends of the model's own steps, log-probs to float32
+    rounding: with stop ids that end rows (which leave the batch in the Python loop, not in
+    C++'s) and a prompt given twice (its prefill copied). The generator is left as the model's
+    steps leave it."""
     monkeypatch.setenv("MINIRM_CPU_MATMUL", "streamed")
     model = model_of("gqa3", seed=3)
     prompts = prompts_for(6, model.cfg.vocab_size, seed=4)
     prompts.append(prompts[0])
-    calls = []
-    step = decode.Step.__call__
-    monkeypatch.setattr(decode.Step, "__call__", lambda *a: calls.append(1) or step(*a))
 
     def run(**kwargs):
-        return generate(model, prompts, 12, pad_id=0, generator=torch.Generator().manual_seed(5),
-                        **sampling, **kwargs)
+        generator = torch.Generator().manual_seed(5)
+        out = generate(model, prompts, 12, pad_id=0, generator=generator, **sampling, **kwargs)
+        return out, torch.rand(3, generator=generator)
 
-    free = run()
+    free, _ = run()
     stop = {int(free.tokens[0, 2]), int(free.tokens[3, 5]), int(free.tokens[5, 8])}
-    ours = run(stop_ids=stop)
-    assert calls and ours.ended.any() and not ours.ended.all()
+    counted = decode.steps_run
+    ours, after = run(stop_ids=stop)
+    assert decode.steps_run == counted + 11
+    assert ours.ended.any() and not ours.ended.all()
     monkeypatch.setenv("MINIRM_CPU_STEP", "0")
-    n = len(calls)
-    theirs = run(stop_ids=stop)
-    assert len(calls) == n  # the model's own steps
-    assert torch.equal(ours.tokens, theirs.tokens)
+    theirs, their_after = run(stop_ids=stop)
+    assert decode.steps_run == counted + 11  # the model's own steps
+    assert torch.equal(ours.tokens, theirs.tokens) and torch.equal(after, their_after)
     assert torch.equal(ours.mask, theirs.mask) and torch.equal(ours.ended, theirs.ended)
     torch.testing.assert_close(ours.logprobs, theirs.logprobs, atol=1e-4, rtol=0)
     monkeypatch.delenv("MINIRM_CPU_STEP")
-    assert torch.equal(run(stop_ids=stop, compile=True).tokens, ours.tokens)
-    assert len(calls) > n  # compile=True takes the step too, compiling nothing
+    assert torch.equal(run(stop_ids=stop, compile=True)[0].tokens, ours.tokens)
+    assert decode.steps_run == counted + 22  # compile=True takes the step too, compiling nothing
+
+
+@needs_step
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_in_cpp_ends_early_and_shows_progress(monkeypatch, temperature):
+    """Every row ending before max_new_tokens stops C++'s loop there, with the generator where
+    the model's steps leave it; with a progress bar the loop runs in chunks, to the same
+    tokens."""
+    monkeypatch.setenv("MINIRM_CPU_MATMUL", "streamed")
+    model = model_of("gqa3", seed=3)
+    prompts = prompts_for(2, model.cfg.vocab_size, seed=8)
+
+    def run(**kwargs):
+        generator = torch.Generator().manual_seed(11)
+        out = generate(model, prompts, 20, pad_id=0, temperature=temperature,
+                       generator=generator, **kwargs)
+        return out, torch.rand(3, generator=generator)
+
+    free, _ = run()
+    stop = {int(free.tokens[0, 3]), int(free.tokens[1, 9])}
+    counted = decode.steps_run
+    ours, after = run(stop_ids=stop)
+    assert ours.ended.all() and ours.tokens.shape[1] < 20
+    assert decode.steps_run - counted == ours.tokens.shape[1] - 1
+    shown, _ = run(stop_ids=stop, progress=True)
+    assert torch.equal(shown.tokens, ours.tokens)
+    monkeypatch.setenv("MINIRM_CPU_STEP", "0")
+    theirs, their_after = run(stop_ids=stop)
+    assert torch.equal(ours.tokens, theirs.tokens) and torch.equal(after, their_after)
+    assert torch.equal(ours.mask, theirs.mask)
+    torch.testing.assert_close(ours.logprobs, theirs.logprobs, atol=1e-4, rtol=0)
+    assert torch.equal(run(progress=True)[0].tokens, free.tokens)  # chunks of 8 steps, and 4
 
 
 @needs_step
@@ -207,3 +241,104 @@ def test_generate_takes_the_step_once_few_enough_rows_are_left(monkeypatch):
     theirs = generate(model, prompts, 8, stop_ids=stop, pad_id=0)
     assert torch.equal(ours.tokens, theirs.tokens) and torch.equal(ours.ended, theirs.ended)
     torch.testing.assert_close(ours.logprobs, theirs.logprobs, atol=1e-4, rtol=0)
+
+
+@needs_step
+def test_sampling_in_cpp_picks_what_the_whole_running_sum_picks(monkeypatch):
+    """decode.sample (sample_next's path on the CPU without top-k or top-p): the pick holds the
+    target u * total in its span of the float64 running sum of weights, to rounding, and where
+    the target is clear of every edge it is the running sum's pick; zero-weight entries are
+    never picked; log p is log-softmax's; temperature 0 takes the first largest logit; rows
+    not all finite are left to sample_categorical, which sample_next then runs."""
+    from minirm.generate import sample_next
+
+    g = torch.Generator().manual_seed(0)
+    near = 0
+    for V in (5, 15, 16, 17, 1000, 49152):
+        for spread, temperature in ((1.0, 1.0), (4.0, 0.7), (12.0, 1.3)):
+            logits = torch.randn(16, V, generator=g) * spread
+            logits[:, torch.rand(V, generator=g) < 0.3] = float("-inf")
+            logits[:, V // 2] = 0.0  # every row keeps some mass
+            u = torch.rand(16, 1, generator=g, dtype=torch.float64)
+            u[0], u[1] = 0.0, 1 - 2**-53
+            got, lp = decode.sample(logits, temperature, u)
+            x = logits / temperature
+            weights = (x - x.amax(-1, keepdim=True)).exp().double()
+            assert (weights.gather(1, got[:, None]) > 0).all()
+            want_lp = torch.log_softmax(x, -1).gather(1, got[:, None])[:, 0]
+            torch.testing.assert_close(lp, want_lp, atol=2e-6, rtol=2e-6)
+            cdf = weights.cumsum(-1)
+            target = u * cdf[:, -1:]
+            hi = cdf.gather(1, got[:, None])
+            lo = hi - weights.gather(1, got[:, None])
+            slack = 1e-6 * cdf[:, -1:]
+            assert ((lo - slack <= target) & (target < hi + slack)).all(), (V, spread)
+            want = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=V - 1)
+            w_hi = cdf.gather(1, want[:, None])
+            w_lo = w_hi - weights.gather(1, want[:, None])
+            clear = ((target - w_lo > slack) & (w_hi - target > slack))[:, 0]
+            assert torch.equal(got[clear], want[clear]), (V, spread)
+            near += int((~clear).sum())
+    assert near < 40  # the rows at u = 0 and next to 1 (2 x 18 = 36 of them), and few others
+    tied = torch.tensor([[0.0, 2.0, -1.0, 2.0], [float("-inf"), -3.0, -3.0, -5.0]])
+    tok, lp = decode.sample(tied, 0.0, None)
+    assert tok.tolist() == [1, 1]
+    torch.testing.assert_close(lp, torch.log_softmax(tied, -1)[:, 1])
+    for bad in (float("nan"), float("inf")):
+        row = tied.clone()
+        row[1, 2] = bad
+        assert decode.sample(row, 1.0, torch.rand(2, 1, dtype=torch.float64)) is None
+        assert decode.sample(row, 0.0, None) is None
+    assert decode.sample(torch.full((1, 4), float("-inf")), 1.0, u[:1]) is None
+    assert decode.sample(tied.double(), 1.0, u[:2]) is None  # float32 only
+    row = tied.clone()
+    row[1, 2] = float("inf")
+    ours = sample_next(row, 1.0, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(decode, "sample", lambda *a: None)
+    theirs = sample_next(row, 1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours[0], theirs[0])  # the same number drawn, the same way
+
+
+@needs_step
+def test_cpp_loop_leaves_a_step_it_cannot_sample_to_the_python_loop(monkeypatch):
+    """A head row of +inf makes every step's logits not all finite: C++'s loop returns at the
+    first step, and generate's own loop takes every step (with the C++ step), giving the
+    model's own tokens."""
+    monkeypatch.setenv("MINIRM_CPU_MATMUL", "streamed")
+    model = model_of("gqa3", seed=3)
+    with torch.no_grad():
+        model.output.weight[7] = float("inf")
+    prompts = prompts_for(3, model.cfg.vocab_size, seed=2)
+    counted = decode.steps_run
+    ours = generate(model, prompts, 6, pad_id=0, temperature=1.0,
+                    generator=torch.Generator().manual_seed(1))
+    assert decode.steps_run == counted + 5
+    monkeypatch.setenv("MINIRM_CPU_STEP", "0")
+    theirs = generate(model, prompts, 6, pad_id=0, temperature=1.0,
+                      generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ours.tokens, theirs.tokens)
+
+
+@needs_step
+def test_step_loop_refuses_what_it_cannot_read(monkeypatch):
+    monkeypatch.setenv("MINIRM_CPU_MATMUL", "streamed")
+    model = model_of("gqa3")
+    prompts = prompts_for(2, model.cfg.vocab_size)
+    with torch.inference_mode(), packed.packed_for_decoding(model, 2):
+        cache = prefilled(model, prompts, 4)
+        step = decode.Step(model)
+        logits = torch.zeros(2, model.cfg.vocab_size)
+        out = torch.zeros(2, 8, dtype=torch.long)
+        lp, valid, done = torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.bool), torch.zeros(
+            2, dtype=torch.bool)
+        with pytest.raises(ValueError, match="u must be"):
+            step.loop(cache, logits, 0, 8, 1.0, None, (), 0, out, lp, valid, done)
+        with pytest.raises(ValueError, match="logprobs must be"):
+            step.loop(cache, logits, 0, 8, 0.0, None, (), 0, out, lp.double(), valid, done)
+        with pytest.raises(ValueError, match="logits must be"):
+            step.loop(cache, logits[:, :5].contiguous(), 0, 8, 0.0, None, (), 0, out, lp, valid,
+                      done)
+        # Eight tokens asked for, room for four more steps in the cache: it stops there.
+        pos = cache.pos
+        assert step.loop(cache, logits, 0, 8, 0.0, None, (), 0, out, lp, valid, done) == 4
+        assert cache.pos == pos + 4 == cache.max_len and valid[:, :4].all()
