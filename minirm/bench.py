@@ -37,8 +37,8 @@ Cases, on the `smollm2-135m` shape (`--quick`: the `debug` preset and tiny sizes
   32-token prompt (batch 1) or 8 left-padded prompts of 24..40 tokens, against
   `generate(do_sample=True)`. New tokens/s, prefill included. minirm decodes through
   `minirm.packed` on the CPU (the projections in whichever layout decodes faster on this
-  machine: oneDNN-packed, BLAS, or the streamed kernel's, whose steps run in one call to C++,
-  `minirm.decode`), chosen and packed by the warm-up call and reused, as by any caller that
+  machine: oneDNN-packed, BLAS, or the streamed kernel's, whose steps, sampling and
+  bookkeeping after the prefill run in C++, `minirm.decode`), chosen and packed by the warm-up call and reused, as by any caller that
   generates more than once with the same weights. A second row for each batch times
   `generate(compile=True)` (`minirm.graphs`: the steps compiled where they are not one C++
   call), in turns with the first and transformers; its warm-up call compiles.
@@ -576,7 +576,7 @@ def case_generate(sh, tf, limits, repeats):
         if layout_in_use(model):
             note += f"; {layout_in_use(model)} layout"
         if whole:
-            note += "; each step one call to C++ (minirm.decode)"
+            note += "; steps and sampling in C++ (minirm.decode)"
         if B == 1:
             fraction = weight_bytes * tps[0] / limits["bandwidth_bytes_per_s"]
             note += f"; {weight_bytes / 2**20:.0f} MiB of weights a token"
