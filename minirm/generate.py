@@ -225,13 +225,14 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
             static = decoding_step(model, cache)
         elif compile and device.type == "cpu" and static_steps_apply(model):
             static = decoding_step(model, cache, graph=False, compile=True)
-    n = 0
+    n, finished = 0, False
     if whole and not top_k and (top_p is None or top_p >= 1.0):
         # The loop below, all in C++ (the batch stays whole): nothing left for Python a token.
+        logits = logits.contiguous()  # written in place, each step's
         n = _loop_in_cpp(whole, cache, logits, temperature, stop_ids, pad_id, generator, out,
                          logprobs, valid, done, bar)
         ended |= done
-    finished = n == max_new_tokens or (len(stop_ids) and bool(done.all()))
+        finished = n == max_new_tokens or (len(stop_ids) > 0 and bool(done.all()))
     for step in range(n, max_new_tokens) if not finished else ():
         u = None
         if temperature > 0:  # one number per output row, whichever rows are still decoding
