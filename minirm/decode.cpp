@@ -224,13 +224,16 @@ static bool sample_row(const float* row, int64_t vocab, float temperature, doubl
             if (sums[b] > 0) last = b;
             before += sums[b];
         }
-        if (b == blocks) b = last;  // rounding put the target at the total
-        // In the block, the first entry whose running sum passes the target, or should
-        // rounding keep it short, the last entry with mass.
-        for (int64_t i = b * L; i < (b + 1) * L; i++) {
-            before += w[i];
-            if (w[i] > 0) pick = i;
-            if (w[i] > 0 && before > target) break;
+        if (b == blocks) {  // rounding put the target at the total: the last entry with mass
+            for (int64_t i = (last + 1) * L - 1; pick < 0; i--)
+                if (w[i] > 0) pick = i;
+        } else {  // the block's first entry whose running sum passes the target, or should
+                  // rounding keep it short, its last entry with mass
+            for (int64_t i = b * L; i < (b + 1) * L; i++) {
+                before += w[i];
+                if (w[i] > 0) pick = i;
+                if (w[i] > 0 && before > target) break;
+            }
         }
     }
     *token = pick;
