@@ -38,10 +38,11 @@ Cases, on the `smollm2-135m` shape (`--quick`: the `debug` preset and tiny sizes
   `generate(do_sample=True)`. New tokens/s, prefill included. minirm decodes through
   `minirm.packed` on the CPU (the projections in whichever layout decodes faster on this
   machine: oneDNN-packed, BLAS, or the streamed kernel's, whose steps, sampling and
-  bookkeeping after the prefill run in C++, `minirm.decode`), chosen and packed by the warm-up call and reused, as by any caller that
-  generates more than once with the same weights. A second row for each batch times
-  `generate(compile=True)` (`minirm.graphs`: the steps compiled where they are not one C++
-  call), in turns with the first and transformers; its warm-up call compiles.
+  bookkeeping after the prefill run in C++, `minirm.decode`), chosen and packed by the warm-up
+  call and reused, as by any caller that generates more than once with the same weights. A
+  second row for each batch times `generate(compile=True)` (`minirm.graphs`: the steps
+  compiled where they are not one C++ call), in turns with the first and transformers; its
+  warm-up call compiles.
 - `attention`: the three backends, forward + backward, causal, B = 1 with smollm2's heads (9
   query, 3 key/value, head_dim 64) in the model's (B, T, H, D) layout, at 512, 2048 and 4096
   tokens, against transformers' `sdpa_attention_forward`. Time, and peak memory: the most bytes

@@ -137,9 +137,10 @@ class Step:
         tokens = tokens.to(torch.int64).contiguous()
         logits = torch.empty(B, self.dims[-1])
         status = LIBRARY.lib.minirm_decode_step(
-            self.pointers, self._dims(B, cache), self.eps, tokens.data_ptr(), self.embedding.data_ptr(),
-            self.inv_freq.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
-            cache.mask.data_ptr(), cache.lengths.data_ptr(), logits.data_ptr())
+            self.pointers, self._dims(B, cache), self.eps, tokens.data_ptr(),
+            self.embedding.data_ptr(), self.inv_freq.data_ptr(), cache.k.data_ptr(),
+            cache.v.data_ptr(), cache.mask.data_ptr(), cache.lengths.data_ptr(),
+            logits.data_ptr())
         if status:
             raise IndexError(f"token ids must be in [0, {len(self.embedding)}): got "
                              f"{tokens.min().item()}..{tokens.max().item()}")
