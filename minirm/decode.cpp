@@ -264,9 +264,11 @@ extern "C" int minirm_sample(const float* logits, int64_t rows, int64_t vocab,
 // the logits of step loop[0] on: sample each row's token (sample_row), record it (pad_id after
 // a row has ended: tokens, logprobs and valid are (rows, max_new)), end the rows that drew a
 // stop id (done), and take the step that gives the next logits, until step loop[2] is reached,
-// every row has ended or max_new tokens are drawn. u: (max_new, rows), one number a row a step.
+// every row has ended, max_new tokens are drawn, or (after the step) loop[6] rows have ended, so
+// that the caller can drop them from the batch. u: (max_new, rows), one number a row a step.
 // loop: {the next step to sample, the cache slot, the step to stop before, max_new, the number
-// of stop ids, pad_id}; the first two are advanced. Returns 1, with logits still those of
+// of stop ids, pad_id, ended rows to stop at}; the first two are advanced. Returns 1, with
+// logits still those of
 // step loop[0] and nothing of it recorded, at a row that cannot be sampled (logits not all
 // finite) or would feed a token outside the embedding: the caller takes that step its own
 // way. Else 0.
@@ -279,7 +281,7 @@ extern "C" int minirm_decode_loop(const float* const* weights, const int64_t* di
     Dims n;
     std::memcpy(&n, dims, sizeof n);
     const int64_t B = n.rows, last = loop[2], max_new = loop[3], n_stop = loop[4];
-    const int64_t pad = loop[5];
+    const int64_t pad = loop[5], enough = loop[6];
     std::vector<int64_t> drawn(B), fed(B);
     std::vector<float> lp(B);
     for (int64_t s = loop[0]; s < last; s++) {
@@ -301,6 +303,7 @@ extern "C" int minirm_decode_loop(const float* const* weights, const int64_t* di
         n.slot = loop[1]++;
         step(weights, n, eps, fed.data(), embedding, inv_freq, k_cache, v_cache, mask, lengths,
              logits);
+        if (n_stop > 0 && ended >= enough) return 0;
     }
     return 0;
 }

@@ -151,7 +151,7 @@ class Step:
 
     @torch.inference_mode()
     def loop(self, cache: KVCache, logits, first: int, last: int, temperature: float, u,
-             stop_ids, pad_id: int, tokens, logprobs, valid, done) -> int:
+             stop_ids, pad_id: int, tokens, logprobs, valid, done, enough: int = 0) -> int:
         """Steps `first` .. `last` - 1 of `generate`'s loop in one call, for a batch that keeps
         all its rows: sample a token per row from `logits` (as `sample_next` does without
         top-k or top-p; `u` (max_new, B) float64 holds every step's numbers, None at
@@ -159,7 +159,8 @@ class Step:
         step (pad_id once a row has ended), end the rows that drew one of `stop_ids` (`done`,
         (B,) bool), and take the step that gives the next `logits` (B, vocab), which are
         written in place. It stops early once every row has ended or max_new tokens are
-        drawn, and before a step it cannot take (a row's logits not all finite, a token
+        drawn, after the step once `enough` rows have ended (0: never; the caller then drops
+        them from the batch), and before a step it cannot take (a row's logits not all finite, a token
         outside the embedding), leaving that step's logits in place and nothing of it
         recorded. Returns the step to sample next."""
         B, max_new = tokens.shape
@@ -177,8 +178,8 @@ class Step:
         stop = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.int64)
         # A step a sample at most, each into a free slot of the cache.
         last = min(last, max_new, first + cache.max_len - cache.pos)
-        state = (ctypes.c_int64 * 6)(first, cache.pos, last, max_new,
-                                     len(set(stop_ids)), pad_id)
+        state = (ctypes.c_int64 * 7)(first, cache.pos, last, max_new, len(set(stop_ids)),
+                                     pad_id, enough if enough > 0 else B)
         LIBRARY.lib.minirm_decode_loop(
             self.pointers, self._dims(B, cache), self.eps, self.embedding.data_ptr(),
             self.inv_freq.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),

@@ -14,8 +14,8 @@ launching a step's kernels one by one costs more there than reading the weights.
 a batch of up to 16 rows in the streamed layout (`minirm.packed`) takes each step in one call
 to C++ (`minirm.decode`): on a 2-core Xeon, SmolLM2-135M's step went from 30 ms (eager) and
 27 ms (compiled) to 20 ms at one row, and from 39-42 to 26 ms at 8 rows. Without top-k or
-top-p, the whole loop then runs there (sampling and bookkeeping too, the batch kept whole),
-which saved another 1.1 ms a token at one row. Elsewhere,
+top-p, the loop runs there too (sampling and bookkeeping), until ended rows are to leave the
+batch: another 1.1 ms a token saved at one row. Elsewhere,
 `compile=True` runs a small batch's steps through `torch.compile` (`minirm.graphs`; the batch
 stays whole): 15-35% faster steps than eager, after 25-130 s of compiling on the first call for
 each batch size (a process that compiled the same graphs before reads them from inductor's
@@ -227,7 +227,7 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
             static = decoding_step(model, cache, graph=False, compile=True)
     n, finished = 0, False
     if whole and not top_k and (top_p is None or top_p >= 1.0):
-        # The loop below, all in C++ (the batch stays whole): nothing left for Python a token.
+        # The loop below in C++, until rows leave the batch: nothing left for Python a token.
         logits = logits.contiguous()  # written in place, each step's
         n = _loop_in_cpp(whole, cache, logits, temperature, stop_ids, pad_id, generator, out,
                          logprobs, valid, done, bar)
@@ -272,11 +272,12 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
 def _loop_in_cpp(whole, cache, logits, temperature, stop_ids, pad_id, generator, out, logprobs,
                  valid, done, bar):
     """The sampling loop of `_sample` from its first step, in calls to C++ (`decode.Step.loop`:
-    each step's sampling, bookkeeping and decoding step, with the batch kept whole). It draws
-    every step's random numbers at once, then puts the generator where the steps it took
-    would have left it. Returns the step to sample next: max_new_tokens, or where every row
-    has ended, or a step it could not take (a row's logits not all finite, a token outside the
-    embedding), which `_sample`'s own loop then takes."""
+    each step's sampling, bookkeeping and decoding step). It draws every step's random numbers
+    at once, then puts the generator where the steps it took would have left it. Returns the
+    step to sample next: max_new_tokens; where every row has ended; where enough rows have
+    ended to leave the batch (DROP_ENDED), or at a step it could not take (a row's logits not
+    all finite, a token outside the embedding), both of which `_sample`'s own loop then
+    takes."""
     B, N = out.shape
     gen = generator if generator is not None else torch.default_generator
     u = None
@@ -284,13 +285,14 @@ def _loop_in_cpp(whole, cache, logits, temperature, stop_ids, pad_id, generator,
         state = gen.get_state()
         u = torch.rand(N, B, generator=gen, dtype=torch.float64)
     chunk = 8 if bar is not None else N  # a progress bar moves every few tokens
+    enough = math.ceil(DROP_ENDED * B)  # ended rows that leave the batch, in `_sample`'s loop
     n = 0
     while n < N:
         m = whole.loop(cache, logits, n, n + chunk, temperature, u, stop_ids, pad_id, out,
-                       logprobs, valid, done)
+                       logprobs, valid, done, enough)
         if bar is not None:
             bar.update(m - n)
-        stopped = m < min(n + chunk, N) or (len(stop_ids) and bool(done.all()))
+        stopped = m < min(n + chunk, N) or (len(stop_ids) > 0 and int(done.sum()) >= enough)
         n = m
         if stopped:
             break

@@ -161,15 +161,19 @@ def test_where_the_step_applies(monkeypatch):
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8),
                                       dict(temperature=1.0, top_k=40)])
 def test_generate_with_the_step_samples_what_the_model_samples(monkeypatch, sampling):
-    """generate takes the step (with compile or not; its whole loop in C++ without top-k)
-    and gives the tokens, masks and ends of the model's own steps, log-probs to float32
-    rounding: with stop ids that end rows (which leave the batch in the Python loop, not in
-    C++'s) and a prompt given twice (its prefill copied). The generator is left as the model's
-    steps leave it."""
+    """generate takes the step (with compile or not; its loop in C++ without top-k) and gives
+    the tokens, masks and ends of the model's own steps, log-probs to float32 rounding: with
+    stop ids that end rows (C++'s loop returns once a quarter of them have ended, and the
+    Python loop drops them from the batch) and a prompt given twice (its prefill copied). The
+    generator is left as the model's steps leave it."""
     monkeypatch.setenv("MINIRM_CPU_MATMUL", "streamed")
     model = model_of("gqa3", seed=3)
     prompts = prompts_for(6, model.cfg.vocab_size, seed=4)
     prompts.append(prompts[0])
+    shrunk = []
+    rows = KVCache.rows
+    monkeypatch.setattr(KVCache, "rows", lambda self, keep: shrunk.append(
+        (len(self.lengths), len(keep))) or rows(self, keep))
 
     def run(**kwargs):
         generator = torch.Generator().manual_seed(5)
@@ -179,9 +183,11 @@ def test_generate_with_the_step_samples_what_the_model_samples(monkeypatch, samp
     free, _ = run()
     stop = {int(free.tokens[0, 2]), int(free.tokens[3, 5]), int(free.tokens[5, 8])}
     counted = decode.steps_run
+    shrunk.clear()
     ours, after = run(stop_ids=stop)
     assert decode.steps_run == counted + 11
-    assert ours.ended.any() and not ours.ended.all()
+    assert ours.ended.sum() >= 2 and not ours.ended.all()
+    assert any(before > kept for before, kept in shrunk)  # ended rows left the batch
     monkeypatch.setenv("MINIRM_CPU_STEP", "0")
     theirs, their_after = run(stop_ids=stop)
     assert decode.steps_run == counted + 11  # the model's own steps
