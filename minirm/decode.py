@@ -160,9 +160,9 @@ class Step:
         (B,) bool), and take the step that gives the next `logits` (B, vocab), which are
         written in place. It stops early once every row has ended or max_new tokens are
         drawn, after the step once `enough` rows have ended (0: never; the caller then drops
-        them from the batch), and before a step it cannot take (a row's logits not all finite, a token
-        outside the embedding), leaving that step's logits in place and nothing of it
-        recorded. Returns the step to sample next."""
+        them from the batch), and before a step it cannot take (a row's logits not all
+        finite, a token outside the embedding), leaving that step's logits in place and
+        nothing of it recorded. Returns the step to sample next."""
         B, max_new = tokens.shape
         self._check(cache, B)
         for name, x, dtype in [("logits", logits, torch.float32), ("tokens", tokens, torch.int64),
