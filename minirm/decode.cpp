@@ -180,7 +180,7 @@ extern "C" int minirm_decode_step(const float* const* weights, const int64_t* di
 // [0, 1)); at temperature 0 the first token of largest logit. logprob: log p of the token,
 // x - max x - log(total). The running sum is in double precision: the sums of whole vectors of
 // weights first, to find the vector, then that vector's own entries. Returns false, writing
-// nothing, when the logits are not all finite.
+// nothing, for a row with a NaN or +inf, or nothing above -inf.
 static bool sample_row(const float* row, int64_t vocab, float temperature, double u,
                        int64_t* token, float* logprob) {
     const int64_t blocks = (vocab + L - 1) / L;
@@ -242,8 +242,8 @@ static bool sample_row(const float* row, int64_t vocab, float temperature, doubl
 }
 
 // sample_row for each of `rows` rows of logits (rows, vocab), u: one number a row (unread at
-// temperature 0). Returns the first row whose logits are not all finite, its token left
-// unwritten (the caller samples such rows its own way), or -1.
+// temperature 0). Returns the first row sample_row refuses, its token left unwritten (the
+// caller samples such rows its own way), or -1.
 extern "C" int minirm_sample(const float* logits, int64_t rows, int64_t vocab,
                              float temperature, const double* u, int64_t* tokens,
                              float* logprobs) {
@@ -269,8 +269,8 @@ extern "C" int minirm_sample(const float* logits, int64_t rows, int64_t vocab,
 // loop: {the next step to sample, the cache slot, the step to stop before, max_new, the number
 // of stop ids, pad_id, ended rows to stop at}; the first two are advanced. Returns 1, with
 // logits still those of
-// step loop[0] and nothing of it recorded, at a row that cannot be sampled (logits not all
-// finite) or would feed a token outside the embedding: the caller takes that step its own
+// step loop[0] and nothing of it recorded, at a row that cannot be sampled (sample_row) or
+// would feed a token outside the embedding: the caller takes that step its own
 // way. Else 0.
 extern "C" int minirm_decode_loop(const float* const* weights, const int64_t* dims, float eps,
                                   const float* embedding, const float* inv_freq, float* k_cache,

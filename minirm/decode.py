@@ -28,7 +28,8 @@ It applies inside `packed_for_decoding` when the streamed layout is in use (it r
 layout's stacked weights): float32 on the CPU, up to `streamed.MAX_ROWS` rows, the plain
 `KVCache` (padded rows and all), a language-model head. `generate` then takes it for every step
 after the prefill, with or without `compile`; elsewhere the model's own forward runs.
-MINIRM_CPU_STEP=0 turns it off. Its sums are taken in another order than torch's, so the
+MINIRM_CPU_STEP=0 turns off the step and the loop (`sample_next` still draws in C++ on the
+CPU, `sample`). Its sums are taken in another order than torch's, so the
 logits agree with the model's forward to float32 rounding (tests/test_decode.py).
 """
 
@@ -160,21 +161,23 @@ class Step:
         (B,) bool), and take the step that gives the next `logits` (B, vocab), which are
         written in place. It stops early once every row has ended or max_new tokens are
         drawn, after the step once `enough` rows have ended (0: never; the caller then drops
-        them from the batch), and before a step it cannot take (a row's logits not all
-        finite, a token outside the embedding), leaving that step's logits in place and
-        nothing of it recorded. Returns the step to sample next."""
+        them from the batch), and before a step it cannot take (a row's logits with a NaN or
+        +inf or nothing above -inf, a token outside the embedding), leaving that step's
+        logits in place and nothing of it recorded. Returns the step to sample next."""
         B, max_new = tokens.shape
         self._check(cache, B)
-        for name, x, dtype in [("logits", logits, torch.float32), ("tokens", tokens, torch.int64),
-                               ("logprobs", logprobs, torch.float32),
-                               ("valid", valid, torch.bool), ("done", done, torch.bool)]:
-            if x.dtype != dtype or not x.is_contiguous() or x.device.type != "cpu":
-                raise ValueError(f"Step.loop: {name} must be a contiguous {dtype} CPU tensor")
-        if temperature > 0 and (u is None or u.shape != (max_new, B) or u.dtype != torch.float64
-                                or not u.is_contiguous()):
-            raise ValueError(f"Step.loop: u must be a contiguous ({max_new}, {B}) float64 tensor")
-        if logits.shape != (B, self.dims[-1]):
-            raise ValueError(f"Step.loop: logits must be ({B}, {self.dims[-1]})")
+        for name, x, dtype, shape in [
+                ("logits", logits, torch.float32, (B, self.dims[-1])),
+                ("tokens", tokens, torch.int64, (B, max_new)),
+                ("logprobs", logprobs, torch.float32, (B, max_new)),
+                ("valid", valid, torch.bool, (B, max_new)), ("done", done, torch.bool, (B,)),
+                ("u", u if temperature > 0 else None, torch.float64, (max_new, B))]:
+            if name == "u" and not temperature > 0:
+                continue
+            if (x is None or x.dtype != dtype or x.shape != shape or not x.is_contiguous()
+                    or x.device.type != "cpu"):
+                raise ValueError(f"Step.loop: {name} must be a contiguous {tuple(shape)} "
+                                 f"{dtype} CPU tensor")
         stop = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.int64)
         # A step a sample at most, each into a free slot of the cache.
         last = min(last, max_new, first + cache.max_len - cache.pos)
@@ -194,23 +197,27 @@ class Step:
 
 def sample(logits: torch.Tensor, temperature: float, u: torch.Tensor | None):
     """`generate.sample_next` without top-k or top-p, in one call to C++: (tokens (B,),
-    logprobs (B,)) for float32 CPU logits (B, V), or None where it does not apply (another
-    device or dtype, the library not built, a row not all finite). `u`: the rows' uniform
-    numbers (B, 1) float64 (unused at temperature 0).
+    logprobs (B,)) for float32 CPU logits (B, V) that need no gradient, or None where it does
+    not apply (another device or dtype, the library not built, a row with a NaN or +inf or
+    nothing above -inf). `u`: the rows' uniform numbers (B, 1) float64 (unused at
+    temperature 0); temperature 0 takes the first largest logit.
 
-    The same draw as `sample_categorical`: by inverse CDF, the first token whose running sum of
-    weights passes u times their total, with the running sum in double precision throughout.
-    After a decoding step has swept the processor's caches, sample_next's ~25 small
-    operations took ~0.8 ms a token at one row of SmolLM2's 49k vocabulary, this ~0.1 ms."""
+    `sample_categorical`'s draw by inverse CDF, to rounding: the first token whose running sum
+    of weights passes u times their total. The weights are the kernels' exp (0 below e^-87),
+    summed 16 (or 8) at a time in float32, then run through in double precision; where the
+    target falls within ~1e-6 of an entry's edge the two can pick neighbours. After a
+    decoding step has swept the processor's caches, sample_next's ~25 small operations took
+    ~0.8 ms a token at one row of SmolLM2's 49k vocabulary, this ~0.1 ms."""
     if (logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2
-            or not available()):
+            or logits.requires_grad or not available()):
         return None
     logits = logits.contiguous()
     B, V = logits.shape
     greedy = not temperature > 0
     if not greedy:
         u = u.to(torch.float64).contiguous()
-        assert u.shape == (B, 1), f"u must be ({B}, 1), got {tuple(u.shape)}"
+        if u.shape != (B, 1):
+            raise ValueError(f"decode.sample: u must be ({B}, 1), got {tuple(u.shape)}")
     tokens, logprobs = torch.empty(B, dtype=torch.int64), torch.empty(B)
     bad = LIBRARY.lib.minirm_sample(logits.data_ptr(), B, V, max(temperature, 0.0),
                                     None if greedy else u.data_ptr(), tokens.data_ptr(),

@@ -95,10 +95,9 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None,
         drawn = decode.sample(logits, temperature, u)
         if drawn is not None:
             return drawn
-    if temperature <= 0:
-        logp = torch.log_softmax(logits, -1)
-        tok = logp.argmax(-1)
-        return tok, logp.gather(-1, tok[:, None])[:, 0]
+    if temperature <= 0:  # the first largest logit (log-probs can round two of them equal)
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
     if temperature != 1:
         logits = logits / temperature
     if top_k:
@@ -137,9 +136,10 @@ def sample_categorical(probs, generator=None, u=None):
     digits), find the block, and that block's own running sum in float64 the entry. Nothing
     of size (B, V) is made: the whole row's running sum in float64 is 3 MB at 8 rows of 49k
     entries, and on the Xeon its copies and sums page-faulted fresh memory in most processes:
-    `sample_next` took 3.8-4.6 ms a step at 8 rows that way, 0.6 ms now. The pick is the
-    whole running sum's but where the target falls within rounding of an entry's edge (the
-    blocks' sums are float32; tests/test_model.py)."""
+    `sample_next` took 3.8-4.6 ms a step at 8 rows that way, 0.6 ms now (on the CPU it now
+    draws in C++ where it can, `decode.sample`, ~0.1 ms a row). The pick is the whole running
+    sum's but where the target falls within rounding of an entry's edge (the blocks' sums are
+    float32; tests/test_model.py)."""
     B, V = probs.shape
     if u is None:
         u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=probs.device)
@@ -274,10 +274,11 @@ def _loop_in_cpp(whole, cache, logits, temperature, stop_ids, pad_id, generator,
     """The sampling loop of `_sample` from its first step, in calls to C++ (`decode.Step.loop`:
     each step's sampling, bookkeeping and decoding step). It draws every step's random numbers
     at once, then puts the generator where the steps it took would have left it. Returns the
-    step to sample next: max_new_tokens; where every row has ended; where enough rows have
-    ended to leave the batch (DROP_ENDED), or at a step it could not take (a row's logits not
-    all finite, a token outside the embedding), both of which `_sample`'s own loop then
-    takes."""
+    step to sample next: max_new_tokens; where every row has ended; a step after enough rows
+    have ended to leave the batch (DROP_ENDED: they leave it one step later than in
+    `_sample`'s own loop); or a step it could not take (a row's logits with a NaN or +inf or
+    nothing above -inf, a token outside the embedding). `_sample`'s own loop takes the last
+    two from there."""
     B, N = out.shape
     gen = generator if generator is not None else torch.default_generator
     u = None

@@ -290,6 +290,14 @@ def test_sampling_in_cpp_picks_what_the_whole_running_sum_picks(monkeypatch):
     tok, lp = decode.sample(tied, 0.0, None)
     assert tok.tolist() == [1, 1]
     torch.testing.assert_close(lp, torch.log_softmax(tied, -1)[:, 1])
+    # Greedy takes the first largest logit, also where log-softmax rounds a smaller one equal
+    # to it; and so does sample_next's torch path.
+    close = torch.zeros(1, 1000)
+    close[0, :10], close[0, 10] = -5.0, -1e-7
+    assert decode.sample(close, 0.0, None)[0].item() == 11
+    monkeypatch.setattr(decode, "sample", lambda *a: None)
+    assert sample_next(close, 0.0)[0].item() == 11
+    monkeypatch.undo()
     for bad in (float("nan"), float("inf")):
         row = tied.clone()
         row[1, 2] = bad
@@ -344,6 +352,14 @@ def test_step_loop_refuses_what_it_cannot_read(monkeypatch):
         with pytest.raises(ValueError, match="logits must be"):
             step.loop(cache, logits[:, :5].contiguous(), 0, 8, 0.0, None, (), 0, out, lp, valid,
                       done)
+        for i, wrong in [(1, lp[:, :2].contiguous()), (2, valid[:, :2].contiguous()),
+                         (3, done[:1])]:  # shorter than the tokens' (2, 8): refused
+            buffers = [out, lp, valid, done]
+            buffers[i] = wrong
+            with pytest.raises(ValueError, match="must be a contiguous"):
+                step.loop(cache, logits, 0, 8, 0.0, None, (), 0, *buffers)
+        with pytest.raises(ValueError, match=r"u must be \(2, 1\)"):
+            decode.sample(logits, 1.0, torch.rand(3, 1, dtype=torch.float64))
         # Eight tokens asked for, room for four more steps in the cache: it stops there.
         pos = cache.pos
         assert step.loop(cache, logits, 0, 8, 0.0, None, (), 0, out, lp, valid, done) == 4
