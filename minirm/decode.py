@@ -18,9 +18,10 @@ layer. The products are the streamed kernel of
 `minirm.streamed` (each weight read once for all rows), the threads stay in one parallel
 region for the whole step, and nothing returns to Python until the logits are done.
 
-`Step.loop` goes one further and runs `generate`'s whole loop in C++ (without top-k or top-p):
-each row's token drawn from the logits (`sample`: `generate.sample_categorical`'s inverse CDF in
-one pass over the row), recorded, the rows that drew a stop id ended, and the next step taken.
+`Step.loop` goes one further and runs `generate`'s loop in C++ (without top-k or top-p, until
+ended rows are to leave the batch): each row's token drawn from the logits (`sample`:
+`generate.sample_categorical`'s inverse CDF in one pass over the row), recorded, the rows that
+drew a stop id ended, and the next step taken.
 After a step has swept the processor's caches, each small torch operation from Python costs
 30-50 us: the Python loop's ~40 of them a token took 1.1-1.3 ms at one row, 6% of the step.
 
