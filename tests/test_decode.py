@@ -200,14 +200,16 @@ def test_generate_with_the_step_samples_what_the_model_samples(monkeypatch, samp
 
 
 @needs_step
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_generate_in_cpp_ends_early_and_shows_progress(monkeypatch, temperature):
-    """Every row ending before max_new_tokens stops C++'s loop there, with the generator where
-    the model's steps leave it; with a progress bar the loop runs in chunks, to the same
-    tokens."""
+def test_generate_in_cpp_ends_early_and_shows_progress(monkeypatch, temperature, rows):
+    """Rows ending before max_new_tokens: one row's end stops C++'s loop there; of two, the
+    first hands the rest to the Python loop (DROP_ENDED). Either way the tokens are the
+    model's steps', and the generator is left where those leave it; with a progress bar the
+    loop runs in chunks, to the same tokens."""
     monkeypatch.setenv("MINIRM_CPU_MATMUL", "streamed")
     model = model_of("gqa3", seed=3)
-    prompts = prompts_for(2, model.cfg.vocab_size, seed=8)
+    prompts = prompts_for(rows, model.cfg.vocab_size, seed=8)
 
     def run(**kwargs):
         generator = torch.Generator().manual_seed(11)
@@ -216,7 +218,7 @@ def test_generate_in_cpp_ends_early_and_shows_progress(monkeypatch, temperature)
         return out, torch.rand(3, generator=generator)
 
     free, _ = run()
-    stop = {int(free.tokens[0, 3]), int(free.tokens[1, 9])}
+    stop = {int(free.tokens[0, 3]), int(free.tokens[-1, 9])}
     counted = decode.steps_run
     ours, after = run(stop_ids=stop)
     assert ours.ended.all() and ours.tokens.shape[1] < 20
