@@ -325,6 +325,15 @@ def _flash_forward(q, k, v, key_mask, block):
     dt = torch.promote_types(q.dtype, torch.float32)                # accumulate in float32 at least
     Qg = _by_group(q, Hkv)                                           # a view; tiles convert
     K, V = k.reshape(B * Hkv, S, D).to(dt), v.reshape(B * Hkv, S, D).to(dt)
+    # A batched product shares whole (batch element, key/value head) pairs out between the
+    # threads: with an odd number of pairs on an even number of threads, one thread waits for
+    # part of it. Then each pair's rows go in two halves, against K and V repeated for them,
+    # where a step takes a tile's rows whole. The forward has the memory to spare (the
+    # backward's peak is the higher): at SmolLM2's 3 pairs and 2048 tokens on 2 cores, the
+    # forward took 51-56 ms instead of 59-61, forward + backward 2-7% less.
+    halves = (B * Hkv) % 2 == 1 and torch.get_num_threads() % 2 == 0
+    if halves:
+        K2, V2 = K.repeat_interleave(2, 0), V.repeat_interleave(2, 0)
     masked_keys = None if key_mask is None else ~key_mask
     pos = torch.arange(S, device=q.device)
     # The output is written in the model's (B, T, Hq, D) layout, so the caller's transpose back
@@ -340,15 +349,26 @@ def _flash_forward(q, k, v, key_mask, block):
         m = Q_i.new_full((*Q_i.shape[:2], 1), float("-inf"))         # running row max
         l = Q_i.new_zeros((*Q_i.shape[:2], 1))                       # running row sum
         acc = torch.zeros_like(Q_i)                                  # running O, unnormalised
+        pairs, n = Q_i.shape[:2]
+        split = halves and n % 2 == 0
         for a, c, j0, j1 in reversed(steps):
             r = slice((a - i0) * G, None)                            # the rows that see keys j0..
-            s = torch.bmm(Q_i[:, r], K[:, j0:j1].transpose(1, 2))   # S = Q_i K_j^T / sqrt(d)
+            whole = split and a == i0                                # every row, in halves
+            if whole:
+                s = torch.bmm(Q_i.view(2 * pairs, n // 2, D),
+                              K2[:, j0:j1].transpose(1, 2)).view(pairs, n, -1)
+            else:
+                s = torch.bmm(Q_i[:, r], K[:, j0:j1].transpose(1, 2))  # S = Q_i K_j^T / sqrt(d)
             _mask_(s, masked_keys, pos, a, c, j0, j1, shift, B, G)
             m_new = torch.maximum(m[:, r], s.amax(-1, keepdim=True))  # m = max(m_old, rowmax(S))
             p = s.sub_(m_new).exp_()                                 # P~ = exp(S - m)
             alpha = m[:, r].sub_(m_new).exp_()                       # alpha = e^(m_old - m)
             l[:, r].mul_(alpha).add_(p.sum(-1, keepdim=True))        # l = alpha l + rowsum(P~)
-            acc[:, r].mul_(alpha).baddbmm_(p, V[:, j0:j1])           # O = alpha O + P~ V_j
+            if whole:                                                # O = alpha O + P~ V_j
+                acc.mul_(alpha).view(2 * pairs, n // 2, D).baddbmm_(
+                    p.view(2 * pairs, n // 2, -1), V2[:, j0:j1])
+            else:
+                acc[:, r].mul_(alpha).baddbmm_(p, V[:, j0:j1])
             m[:, r] = m_new
             del s, p  # free this step's scores before the next step allocates its own
         shape = (B, Hkv, i1 - i0, G)
