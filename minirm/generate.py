@@ -228,7 +228,7 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
     n, finished = 0, False
     if whole and not top_k and (top_p is None or top_p >= 1.0):
         # The loop below in C++, until rows leave the batch: nothing left for Python a token.
-        logits = logits.contiguous()  # written in place, each step's
+        logits = logits.contiguous()  # the loop writes each step's logits into it
         n = _loop_in_cpp(whole, cache, logits, temperature, stop_ids, pad_id, generator, out,
                          logprobs, valid, done, bar)
         ended |= done
