@@ -8,8 +8,8 @@ once per machine, into a cache folder: $MINIRM_CACHE, else ~/.cache/minirm, or a
 user's own in the temporary directory where that one is read-only. The library's name carries a
 hash of the source and the shared headers (`vec.h`, `streamed.h`, `fused.h`), the flags, the
 compiler's version and the processor's features, so an edited source, another compiler or a
-cache folder shared by unlike machines never loads a stale build. A library links the OpenMP runtime that
-torch has loaded, so its loops run on torch's threads (`torch.set_num_threads`).
+cache folder shared by unlike machines never loads a stale build. A library links the OpenMP
+runtime that torch has loaded, so its loops run on torch's threads (`torch.set_num_threads`).
 
 Where a source cannot be built (no compiler, no OpenMP) its `Library.available()` is False, the
 reason is in `why_unavailable()`, and minirm runs the same computation with torch's own
