@@ -216,6 +216,8 @@ def sample(logits: torch.Tensor, temperature: float, u: torch.Tensor | None):
     B, V = logits.shape
     greedy = not temperature > 0
     if not greedy:
+        if u is None:
+            raise ValueError("decode.sample: temperature > 0 needs u, one number a row")
         u = u.to(torch.float64).contiguous()
         if u.shape != (B, 1):
             raise ValueError(f"decode.sample: u must be ({B}, 1), got {tuple(u.shape)}")

@@ -362,6 +362,8 @@ def test_step_loop_refuses_what_it_cannot_read(monkeypatch):
                 step.loop(cache, logits, 0, 8, 0.0, None, (), 0, *buffers)
         with pytest.raises(ValueError, match=r"u must be \(2, 1\)"):
             decode.sample(logits, 1.0, torch.rand(3, 1, dtype=torch.float64))
+        with pytest.raises(ValueError, match="needs u"):
+            decode.sample(logits, 1.0, None)
         # Eight tokens asked for, room for four more steps in the cache: it stops there.
         pos = cache.pos
         assert step.loop(cache, logits, 0, 8, 0.0, None, (), 0, out, lp, valid, done) == 4
