@@ -10,7 +10,9 @@ batch shrinks, and the same tokens up to rounding (a product of fewer rows may r
 bit differently, as in any other batch). A prompt given several times (REINFORCE's k samples
 of each) is prefilled once and its cache copied to each of its rows. On a GPU, a small batch's
 steps after the prefill replay a CUDA graph (`minirm.graphs`), whose batch stays whole:
-launching a step's kernels one by one costs more there than reading the weights. On the CPU,
+launching a step's kernels one by one costs more there than reading the weights. The graph
+stays with the model for the next call of the same batch size (`release` frees it); with
+`compile=True` it replays compiled steps. On the CPU,
 a batch of up to 16 rows in the streamed layout (`minirm.packed`) takes each step in one call
 to C++ (`minirm.decode`): on a 2-core Xeon, SmolLM2-135M's step went from 30 ms (eager) and
 27 ms (compiled) to 20 ms at one row, and from 39-42 to 26 ms at 8 rows. Without top-k or
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minirm import decode
+from minirm import decode, graphs, packed
 from minirm.errors import ArgumentParser, UserError, cli
 from minirm.graphs import can_graph, decoding_step, static_steps_apply
 from minirm.model import KVCache
@@ -169,9 +171,9 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top
              cuda_graphs=True, compile=False) -> Generation:
     """Sample continuations of `prompts` (lists of token ids) with a KV cache. On a GPU the
     decoding steps of up to GRAPH_ROWS rows are replayed from a CUDA graph unless
-    `cuda_graphs` is False; on the CPU, up to 16 rows take each step in one call to C++ where
-    the streamed layout is in use (`minirm.decode`), else with `compile` they run through
-    `torch.compile`."""
+    `cuda_graphs` is False, with `compile` a graph of compiled steps; on the CPU, up to 16
+    rows take each step in one call to C++ where the streamed layout is in use
+    (`minirm.decode`), else with `compile` they run through `torch.compile`."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -222,9 +224,11 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
         whole = decode.Step(model)
     elif B <= GRAPH_ROWS and max_new_tokens >= GRAPH_MIN_TOKENS:
         if cuda_graphs and can_graph(model, cache):
-            static = decoding_step(model, cache)
+            static = decoding_step(model, cache, compile=compile)
         elif compile and device.type == "cpu" and static_steps_apply(model):
             static = decoding_step(model, cache, graph=False, compile=True)
+        if static:
+            cache = static.cache  # the prefill's copy is free to go
     n, finished = 0, False
     if whole and not top_k and (top_p is None or top_p >= 1.0):
         # The loop below in C++, until rows leave the batch: nothing left for Python a token.
@@ -303,6 +307,15 @@ def _loop_in_cpp(whole, cache, logits, temperature, stop_ids, pad_id, generator,
     return n
 
 
+def release(model):
+    """Free what `generate` keeps with `model` for its next call: the decoding layout's copy of
+    the weights (`minirm.packed`) and the static step with its cache (`minirm.graphs`).
+    Callers that go on to train (a REINFORCE rollout, an evaluation during SFT) call it after
+    generating, so that neither is held through the optimizer's steps."""
+    packed.release(model)
+    graphs.release(model)
+
+
 def build_parser():
     p = ArgumentParser(prog="python -m minirm.generate",
                        description="Generate a response from a model folder.")
@@ -324,10 +337,10 @@ def build_parser():
                    help="on a GPU, launch each decoding step's kernels one by one instead of "
                         "replaying a CUDA graph")
     p.add_argument("--compile", action="store_true",
-                   help="on the CPU, run the decoding steps through torch.compile where "
-                        "they do not run in one call to C++ (minirm.decode): 15-35%% faster "
-                        "steps after 25-130 s of compiling, so only worth it for thousands "
-                        "of new tokens")
+                   help="run the decoding steps through torch.compile: on a GPU inside "
+                        "the CUDA graph, on the CPU where they do not run in one call to C++ "
+                        "(minirm.decode; 15-35%% faster steps after 25-130 s of compiling, so "
+                        "only worth it there for thousands of new tokens)")
     return p
 
 
@@ -374,9 +387,10 @@ def main(argv=None):
         ids = tok.encode_chat(messages, add_generation_prompt=True).ids
     stop_ids = set(cfg.eos_ids) | set(tok.stop_ids)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    if args.compile and device == "cpu" and env_rank() == 0:
+    if args.compile and env_rank() == 0:
         print("generate: --compile: the decoding step compiles before the first token "
-              "(20-130 s) unless it runs in one call to C++", file=sys.stderr)
+              "(20-130 s)" + (" unless it runs in one call to C++" if device == "cpu" else ""),
+              file=sys.stderr)
     result = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k,
                       args.top_p, stop_ids=stop_ids, pad_id=tok.pad_id, generator=gen,
                       progress=sys.stderr.isatty(), cuda_graphs=not args.no_cuda_graphs,

@@ -358,7 +358,7 @@ def sample_report(model, tok, prompts, temperature=0.0, max_new_tokens=64, seed=
     to user messages `prompts`, greedy (temperature 0) or sampled."""
     from minirm import toysteer
     from minirm.generate import generate
-    from minirm.packed import release
+    from minirm.generate import release
     from minirm.tokenizer import chat_prompt
 
     model.eval()

@@ -45,10 +45,64 @@ def test_static_cache_steps_equal_the_plain_cache(backend, rows):
         for t in range(new.shape[1]):
             want = model(new[:, t:t + 1], None, plain)[:, -1]
             torch.testing.assert_close(step(new[:, t]), want, atol=1e-12, rtol=0)
-    # The static steps wrote the prefilled cache's own mask and lengths, as the plain steps did.
-    assert torch.equal(static.mask, plain.mask) and torch.equal(static.lengths, plain.lengths)
+    # The static steps wrote the mask and lengths the plain steps did.
+    assert torch.equal(step.cache.mask, plain.mask)
+    assert torch.equal(step.cache.lengths, plain.lengths)
     with pytest.raises(ValueError, match="all are filled"):  # never past the cache's end
         step(new[:, 0])
+
+
+def test_a_static_cache_with_more_slots_steps_the_same():
+    """A static cache longer than the prefilled one (a CUDA graph's, rounded up to SLOT_BLOCK
+    slots) attends over its empty slots too, masked: the same logits."""
+    from minirm.graphs import static_step
+
+    model = Transformer(preset("debug")).init_weights(seed=3).double().eval()
+    new = torch.randint(3, 256, (3, 4), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        plain, _ = prefilled(model, PROMPTS, new.shape[1])
+        static = StaticKVCache(prefilled(model, PROMPTS, new.shape[1])[0], slots=40)
+        assert static.k.shape[3] == 40 and static.max_len == 40
+        for t in range(new.shape[1]):
+            want = model(new[:, t:t + 1], None, plain)[:, -1]
+            torch.testing.assert_close(static_step(model, static, new[:, t]), want, atol=1e-12,
+                                       rtol=0)
+    assert torch.equal(static.mask[:, :plain.max_len], plain.mask)
+    assert not static.mask[:, plain.max_len:].any()
+
+
+def test_the_static_step_is_kept_for_the_next_call():
+    """The static step and its cache stay with the model: a call with a cache of the same shape
+    takes them over (its own prompts and lengths: the plain cache's logits), in-place updates
+    of the weights keep them (and are seen), while a cache of another length, weights moved
+    or cast, or `release` make new ones."""
+    from minirm.generate import release
+
+    model = Transformer(preset("debug")).init_weights(seed=3).double().eval()
+    other = [[256, 3, 4, 5, 6, 7], [256, 30, 31, 32], [256]]  # same padded length as PROMPTS
+    new = torch.randint(3, 256, (3, 3), generator=torch.Generator().manual_seed(4))
+
+    def check(prompts, steps):
+        plain, _ = prefilled(model, prompts, steps)
+        step = decoding_step(model, prefilled(model, prompts, steps)[0], graph=False)
+        for t in range(new.shape[1]):
+            want = model(new[:, t:t + 1], None, plain)[:, -1]
+            atol = 1e-12 if want.dtype == torch.float64 else 1e-5
+            torch.testing.assert_close(step(new[:, t]), want, atol=atol, rtol=0)
+        return step.cache
+
+    with torch.inference_mode():
+        first = check(PROMPTS, 3)
+        assert check(other, 3) is first and model._kept_step[1] is first
+        model.layers[0].attention.wq.weight.mul_(1.5)  # as an optimizer's step would
+        assert check(PROMPTS, 3) is first
+        longer = check(PROMPTS, 5)
+        assert longer is not first and longer.k.shape[3] == longer.max_len == 11
+    model.float()
+    with torch.inference_mode():
+        assert check(PROMPTS, 5) is not longer  # new weights, new step
+    release(model)
+    assert model._kept_step is None
 
 
 def test_static_steps_refuse_the_flash_backend_and_torchrun(monkeypatch):
@@ -109,13 +163,15 @@ def test_compiled_steps_equal_the_plain_cache(monkeypatch, layout, rows):
                 compiled = counters["stats"]["unique_graphs"]
                 assert compiled > graphs
     assert counters["stats"]["unique_graphs"] == compiled  # the slots are dynamic
-    assert torch.equal(static.mask, plain.mask) and torch.equal(static.lengths, plain.lengths)
+    assert torch.equal(step.cache.mask, plain.mask)
+    assert torch.equal(step.cache.lengths, plain.lengths)
 
 
 def test_generate_with_compiled_steps_samples_what_eager_decoding_samples(monkeypatch):
     """generate(compile=True) on the CPU runs the compiled steps (the batch whole) and gives the
     tokens, masks and ends of eager decoding, log-probs to float32 rounding, with stop ids and
-    repeated prompts; a batch over GRAPH_ROWS decodes eagerly. (The streamed layout's steps
+    repeated prompts; the next call takes over the static cache; a batch over GRAPH_ROWS
+    decodes eagerly. (The streamed layout's steps
     would run in one call to C++ instead: tests/test_decode.py.)"""
     import minirm.generate as G
     import minirm.graphs
@@ -139,6 +195,9 @@ def test_generate_with_compiled_steps_samples_what_eager_decoding_samples(monkey
         torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=1e-4, rtol=0)
         if "stop_ids" in kwargs:  # they ended some rows, not all
             assert runs[1].ended.any() and not runs[1].ended.all()
+        if "top_k" in kwargs:  # the second call took over the first one's static cache
+            assert model._kept_step[1] is kept
+        kept = model._kept_step[1]
     assert len(calls) == 2
     monkeypatch.setattr(G, "GRAPH_ROWS", 3)
     generate(model, prompts, 10, pad_id=0, compile=True)
@@ -182,3 +241,30 @@ def test_generate_with_cuda_graphs_samples_what_eager_decoding_samples():
         assert torch.equal(runs[0].mask, runs[1].mask) and torch.equal(runs[0].ended,
                                                                        runs[1].ended)
         torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=1e-4, rtol=0)
+
+
+@CUDA
+@pytest.mark.parametrize("compile", [False, True])
+def test_generate_keeps_its_graph_for_the_next_call(compile):
+    """A second generate call of the same shape (other prompts of the same padded length, other
+    new tokens within SLOT_BLOCK) replays the first call's graph, with or without compiled
+    steps inside it, and samples what eager decoding samples; a cast makes a new graph."""
+    from minirm.generate import release
+
+    with torch.device("cuda"):
+        model = Transformer(preset("debug")).init_weights(seed=2).eval()
+    other = [[256, 3, 4, 5, 6, 7], [256, 30, 31, 32], [256]]
+    graphs = []
+    for prompts, n in ((PROMPTS, 12), (other, 9), (PROMPTS, 12)):
+        runs = [generate(model, prompts, n, pad_id=0, temperature=1.0, cuda_graphs=g,
+                         compile=compile and g, generator=torch.Generator("cuda").manual_seed(5))
+                for g in (False, True)]
+        assert torch.equal(runs[0].tokens, runs[1].tokens)
+        torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=1e-4, rtol=0)
+        graphs.append(model._kept_step[2])
+    assert graphs[0] is graphs[1] is graphs[2]
+    model.to(torch.bfloat16)
+    generate(model, PROMPTS, 12, pad_id=0)
+    assert model._kept_step[2] is not graphs[0]
+    release(model)
+    assert model._kept_step is None

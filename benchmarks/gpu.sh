@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: the tests that run only there, then the bench's GPU cases,
+# written as benchmarks/gpu-<model>.txt and .json (under $OUT instead when it is set).
+#     bash benchmarks/gpu.sh                      # every GPU case
+#     CASES=gpu-decode bash benchmarks/gpu.sh     # one of them
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU is visible')"
+out=${OUT:-benchmarks}
+name=gpu-$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+tests=0  # a failing test still lets the bench run; the script then exits with the failure
+python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_graphs.py \
+    tests/test_bench.py::test_gpu_cases_on_cuda || tests=$?
+python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_reliability.py -k cuda || tests=$?
+python -m minirm.bench --device cuda ${CASES:+--cases "$CASES"} --json "$out/$name.json" \
+    | tee "$out/$name.txt"
+exit $tests
