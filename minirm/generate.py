@@ -12,7 +12,8 @@ of each) is prefilled once and its cache copied to each of its rows. On a GPU, a
 steps after the prefill replay a CUDA graph (`minirm.graphs`), whose batch stays whole:
 launching a step's kernels one by one costs more there than reading the weights. The graph
 stays with the model for the next call of the same batch size (`release` frees it); with
-`compile=True` it replays compiled steps. On the CPU,
+`compile=True` it replays compiled steps, and distinct prompts are prefilled compiled, straight
+into its cache. On the CPU,
 a batch of up to 16 rows in the streamed layout (`minirm.packed`) takes each step in one call
 to C++ (`minirm.decode`): on a 2-core Xeon, SmolLM2-135M's step went from 30 ms (eager) and
 27 ms (compiled) to 20 ms at one row, and from 39-42 to 26 ms at 8 rows. Without top-k or
@@ -40,7 +41,8 @@ import torch
 
 from minirm import decode, graphs, packed
 from minirm.errors import ArgumentParser, UserError, cli
-from minirm.graphs import can_graph, decoding_step, static_steps_apply
+from minirm.graphs import (can_graph, decoding_step, prefill_applies, prefilled_step,
+                           static_steps_apply)
 from minirm.model import KVCache
 from minirm.packed import packed_for_decoding
 
@@ -200,11 +202,30 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
     B, P = len(rows), tokens.shape[1]
     device = tokens.device
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    cache = KVCache(len(model.layers), len(tokens), P + max_new_tokens)
-    # Prefill: each distinct prompt through the model, logits at its last position only.
-    logits = model.logits_from(model.norm(model.body(tokens, mask, cache)[:, -1:]))[:, -1]
-    if len(tokens) < B:
-        cache, logits = cache.rows(rows), logits[rows]
+    # On a GPU the steps replay one CUDA graph (`minirm.graphs`), on the CPU with `compile` they
+    # run compiled; either way the batch stays whole. On the CPU a step can also be one call to
+    # C++ (`minirm.decode`), which comes first.
+    small = B <= GRAPH_ROWS and max_new_tokens >= GRAPH_MIN_TOKENS
+    static = whole = None
+    if small and len(tokens) == B and prefill_applies(model, device, cuda_graphs, compile):
+        # Compiled steps on a GPU: the prompts go straight into the graph's cache, compiled too.
+        logits, static = prefilled_step(model, tokens, mask, P + max_new_tokens, compile=True)
+        cache = static.cache
+    else:
+        cache = KVCache(len(model.layers), len(tokens), P + max_new_tokens)
+        # Prefill: each distinct prompt through the model, logits at its last position only.
+        logits = model.logits_from(model.norm(model.body(tokens, mask, cache)[:, -1:]))[:, -1]
+        if len(tokens) < B:
+            cache, logits = cache.rows(rows), logits[rows]
+        if decode.applies(model, cache, B):
+            whole = decode.Step(model)
+        elif small:
+            if cuda_graphs and can_graph(model, cache):
+                static = decoding_step(model, cache, compile=compile)
+            elif compile and device.type == "cpu" and static_steps_apply(model):
+                static = decoding_step(model, cache, graph=False, compile=True)
+            if static:
+                cache = static.cache  # the prefill's copy is free to go
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     valid = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
@@ -216,19 +237,6 @@ def _sample(model, tokens, mask, rows, max_new_tokens, temperature, top_k, top_p
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", leave=False)
-    # On the CPU a step can be one call to C++ (`minirm.decode`). Else on a GPU the steps
-    # replay one CUDA graph (`minirm.graphs`), on the CPU with `compile` they run compiled;
-    # either way the batch stays whole.
-    static = whole = None
-    if decode.applies(model, cache, B):
-        whole = decode.Step(model)
-    elif B <= GRAPH_ROWS and max_new_tokens >= GRAPH_MIN_TOKENS:
-        if cuda_graphs and can_graph(model, cache):
-            static = decoding_step(model, cache, compile=compile)
-        elif compile and device.type == "cpu" and static_steps_apply(model):
-            static = decoding_step(model, cache, graph=False, compile=True)
-        if static:
-            cache = static.cache  # the prefill's copy is free to go
     n, finished = 0, False
     if whole and not top_k and (top_p is None or top_p >= 1.0):
         # The loop below in C++, until rows leave the batch: nothing left for Python a token.

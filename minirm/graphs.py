@@ -24,17 +24,20 @@ every step attends over the whole cache, so `generate` graphs only small batches
 for its launches to overlap the GPU's work, and it still drops ended rows and reads only the
 filled slots. One process only: under torchrun every rank decodes step by step.
 
-The graph is captured after a prefill (a warm-up step and the recording: 34-42 ms for an 8B
-model on an H200, where a replay takes 6.4 ms; `torch.cuda.graph` also empties the allocator's
-cache first) and kept with the model, with its cache, for the next call: a run of `generate`
-calls of the same batch size (an evaluation's batches, a benchmark's repeats) takes
-the new prompts' prefill into the same buffers and replays the same graph. Its cache has a
-multiple of SLOT_BLOCK slots, so that calls of nearby lengths share it; a call that needs
-more slots, or weights that moved (a cast, a new device), capture again, and `release(model)`
-frees it (in place updates of the weights, as an optimizer makes them, keep it: the graph
-reads them where they are). With `compile=True` the graph records the compiled step (below)
-instead of the eager one: inductor's fused kernels in place of the ~30 small ones of each
-layer.
+The graph (a warm-up step and the recording: 34-42 ms for an 8B model on an H200, where a
+replay takes 6.4 ms; `torch.cuda.graph` also empties the allocator's cache first) is kept with
+the model, with its cache, for the next call: a run of `generate` calls of the same batch size
+(an evaluation's batches, a benchmark's repeats) takes the new prompts' prefill into the same
+buffers and replays the same graph. Its cache has a multiple of SLOT_BLOCK slots, so that
+calls of nearby lengths share it; a call that needs more slots, or weights that moved (a
+cast, a new device), capture again, and `release(model)` frees it (in-place updates of the
+weights, as an optimizer makes them, keep it: the graph reads them where they are).
+
+With `compile=True` the graph records the compiled step (below) instead of the eager one:
+inductor's fused kernels in place of the ~30 small ones of each layer. The prefill, ~1,100
+kernels launched from Python for an 8B model (15-20 ms, a few steps' time), then runs compiled
+too, straight into the graph's cache (`prefilled_step`: the static cache takes a prefill from
+empty into its first slots; one compilation serves every prompt length).
 
 On the CPU the same static step can run through `torch.compile` (`decoding_step(compile=True)`,
 `generate(compile=True)`): inductor fuses the ~20 small operations of each layer between the
@@ -59,34 +62,49 @@ from minirm.model import KVCache
 
 
 class StaticKVCache(KVCache):
-    """A copy of a prefilled `KVCache` with `slots` slots (at least the cache's), advanced one
-    token a step with the slot in a tensor. Its buffers stay with the model between calls
-    (`decoding_step`); `load` takes in the next call's prefilled cache."""
+    """A KV cache of `slots` slots whose fill position is a tensor (`slot`): each call writes
+    its T new tokens at slots slot .. slot + T - 1 and attends over every slot, the empty ones
+    masked. `of(cache)` copies a prefilled plain cache into one; its buffers stay with the
+    model between calls (`decoding_step`), `load` and `clear` start the next call."""
 
     static = True  # `Transformer.body` then attends over every slot and never reads the mask back
     backend = None  # the attention backend of the steps, when not the model's own
 
-    def __init__(self, cache: KVCache, slots: int | None = None):
-        slots = max(slots or 0, cache.max_len)
-        super().__init__(cache.n_layers, cache.k.shape[1], slots)
-        layers, batch, heads, _, head_dim = cache.k.shape
-        self.k = cache.k.new_zeros(layers, batch, heads, slots, head_dim)
-        self.v = cache.v.new_zeros(layers, batch, heads, slots, head_dim)
-        self.mask = cache.mask.new_zeros(batch, slots)
-        self.lengths = torch.zeros_like(cache.lengths)
-        self.slot = torch.zeros(1, dtype=torch.long, device=cache.k.device)
+    def __init__(self, n_layers, batch, heads, slots, head_dim, dtype, device):
+        super().__init__(n_layers, batch, slots)
+        shape = (n_layers, batch, heads, slots, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.mask = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
         # Each layer writes into its own view. Compiled, a write into a view of the buffer that
         # all layers share became a copy of the whole buffer per layer: SmolLM2's compiled step
         # took 113-126 ms at 8 rows that way, 56-63 ms with these views.
         self.layer_k, self.layer_v = list(self.k.unbind(0)), list(self.v.unbind(0))
-        self.load(cache)
+
+    @classmethod
+    def of(cls, cache: KVCache, slots: int | None = None):
+        """A static cache holding `cache`'s filled slots, with `slots` slots (at least its)."""
+        layers, batch, heads, _, head_dim = cache.k.shape
+        static = cls(layers, batch, heads, max(slots or 0, cache.max_len), head_dim,
+                     cache.k.dtype, cache.k.device)
+        static.load(cache)
+        return static
+
+    def clear(self):
+        """Every slot empty, for a prefill from the start. Empty slots still enter attention's
+        product with the values (by a zero weight), so they must hold numbers: they are zeroed,
+        whatever an earlier call left in them."""
+        for t in (self.k, self.v, self.mask, self.lengths, self.slot):
+            t.zero_()
+        self.pos = 0  # slots filled when the static steps began (they do not update it)
 
     def load(self, cache: KVCache):
         """Take in a prefilled cache of the same batch and heads: its filled slots, mask and
-        lengths, every other slot empty. The copies stay where they are (a CUDA graph reads them
-        there). Empty slots still enter attention's product with the values (by a zero weight),
-        so they must hold numbers: they are zeroed, whatever an earlier call or a cache copied
-        for several samples (`KVCache.rows`, uninitialised there) left in them."""
+        lengths, every other slot empty (zeroed, as in `clear`: a cache copied for several
+        samples, `KVCache.rows`, leaves them uninitialised). The copies stay where they are
+        (a CUDA graph reads them there)."""
         p = cache.pos
         for mine, theirs in ((self.k, cache.k), (self.v, cache.v)):
             mine[:, :, :, :p].copy_(theirs[:, :, :, :p])
@@ -95,17 +113,35 @@ class StaticKVCache(KVCache):
         self.mask[:, :p].copy_(cache.mask[:, :p])
         self.lengths.copy_(cache.lengths)
         self.slot.fill_(p)
-        self.pos = p  # slots filled when the static steps began (they do not update it)
+        self.pos = p
 
     def start(self, mask):
-        """One new token per row: mark its slot real; the key mask is every slot."""
-        self.mask.index_copy_(1, self.slot, mask)
-        return self.mask
+        """Mark the new tokens' slots real or padding. One token a row: the key mask is every
+        slot (those after it are empty). Several: a prefill from empty (`prefilled_step`),
+        whose keys are the first T slots, and so is its key mask."""
+        T = mask.shape[1]
+        if T == 1:
+            self.mask.index_copy_(1, self.slot, mask)
+            return self.mask
+        self._check_prefill(T)
+        self.mask[:, :T] = mask
+        return self.mask[:, :T]
 
     def update(self, layer, k, v):
-        self.layer_k[layer].index_copy_(2, self.slot, k)
-        self.layer_v[layer].index_copy_(2, self.slot, v)
-        return self.layer_k[layer], self.layer_v[layer]
+        T = k.shape[2]
+        if T == 1:
+            self.layer_k[layer].index_copy_(2, self.slot, k)
+            self.layer_v[layer].index_copy_(2, self.slot, v)
+            return self.layer_k[layer], self.layer_v[layer]
+        self.layer_k[layer][:, :, :T] = k
+        self.layer_v[layer][:, :, :T] = v
+        return k, v
+
+    def _check_prefill(self, T):
+        if self.pos != 0:  # (its length is `prefilled_step`'s to check: compiled, a test of
+            # max_len here would compile once per cache length)
+            raise ValueError(f"a static cache takes {T} tokens a row only as a prefill from "
+                             "empty (StaticKVCache.clear)")
 
     def mark_dynamic(self):
         """Tell `torch.compile` that the number of slots varies from call to call."""
@@ -115,7 +151,7 @@ class StaticKVCache(KVCache):
 
     def advance(self, mask):
         self.lengths += mask.sum(-1)
-        self.slot += 1
+        self.slot += mask.shape[1]
 
     def rows(self, rows):
         raise NotImplementedError("a static cache keeps its batch; decode with the plain KVCache "
@@ -145,6 +181,21 @@ def static_step(model, cache: StaticKVCache, tok):
     return model(tok[:, None], None, cache)[:, -1]
 
 
+def static_prefill(model, cache: StaticKVCache, tokens, mask):
+    """Prompts (B, P) into a cleared static cache: logits (B, vocab) at the last position."""
+    h = model.body(tokens, mask, cache)[:, -1:]
+    return model.logits_from(model.norm(h))[:, -1]
+
+
+@functools.cache
+def compiled_static_prefill():
+    """`static_prefill` through `torch.compile`, one for the process, as `compiled_static_step`."""
+    from minirm.model import allow_recompiles
+
+    allow_recompiles(32)
+    return torch.compile(static_prefill)
+
+
 @functools.cache
 def compiled_static_step():
     """`static_step` through `torch.compile`, one for the process: its compiled graphs are kept
@@ -162,15 +213,39 @@ def compiled_static_step():
 SLOT_BLOCK = 256
 
 
-def _key(model, cache: KVCache, graph: bool, compile: bool):
-    """What a kept step depends on: how it runs, the cache's shape and type, the attention
-    backends, and where each weight lives (a graph reads them there: an optimizer's step
-    updates them in place and keeps the graph, a cast or a move replaces them)."""
+def _kept(model, like, max_len: int, graph: bool, compile: bool):
+    """The static cache and graph replay (None without a graph) kept with `model` for caches
+    like `like` (n_layers, batch, heads, head_dim, dtype, device) of up to `max_len` slots: the
+    kept ones when they fit, else new ones (captured at once, with `graph`).
+
+    They depend on how the step runs, the cache's shape and type, the attention backends, and
+    where each weight lives (a graph reads them there: an optimizer's step updates them in place
+    and keeps the graph, a cast or a move replaces them)."""
     block = SLOT_BLOCK if graph else 1
-    slots = -(-cache.max_len // block) * block
-    return (graph, compile, tuple(cache.k.shape[:3]), cache.k.shape[4], slots, cache.k.dtype,
-            cache.k.device, tuple(layer.attention.backend for layer in model.layers),
-            tuple(p.data_ptr() for p in model.parameters()))
+    slots = -(-max_len // block) * block
+    key = (graph, compile, like, slots, tuple(layer.attention.backend for layer in model.layers),
+           tuple(p.data_ptr() for p in model.parameters()))
+    kept = getattr(model, "_kept_step", None)
+    if kept is None or kept[0] != key:
+        model._kept_step = None  # free the last one's buffers and graph before making these
+        layers, batch, heads, head_dim, dtype, device = like
+        static = StaticKVCache(layers, batch, heads, slots, head_dim, dtype, device)
+        if compile:
+            static.mark_dynamic()
+            # Attention written out (the reference backend) compiles into a few fused loops
+            # around two small products; SDPA stays one opaque call. Compiled, SmolLM2's steps
+            # took 61-67 ms against 69-85 with SDPA at 8 rows (Xeon, in turns), 33-36 against
+            # 35-44 at 1 row. The backends compute the same function (tests/test_attention.py).
+            static.backend = "reference"
+        replay = _captured(model, static, compile) if graph else None
+        kept = model._kept_step = (key, static, replay)  # nothing in it refers to the model
+    return kept[1], kept[2]
+
+
+def _check_backend(model):
+    if not takes_step_mask(model):
+        raise ValueError("static decoding steps need an attention backend that takes the "
+                         "step's mask (reference or sdpa), not flash")
 
 
 def decoding_step(model, cache: KVCache, graph: bool = True, compile: bool = False):
@@ -184,34 +259,62 @@ def decoding_step(model, cache: KVCache, graph: bool = True, compile: bool = Fal
     model: the next call with a cache of the same shape takes them over (`StaticKVCache.load`)
     and replays the same graph, so capture is paid once for many `generate` calls.
     `release(model)` frees them."""
-    if not takes_step_mask(model):
-        raise ValueError("static decoding steps need an attention backend that takes the "
-                         "step's mask (reference or sdpa), not flash")
+    _check_backend(model)
     graph = graph and can_graph(model, cache)
-    key = _key(model, cache, graph, compile)
-    kept = getattr(model, "_kept_step", None)
-    if kept is not None and kept[0] == key:
-        _, static, replay = kept
-        static.load(cache)
-    else:
-        model._kept_step = None  # free the last one's buffers and graph before making these
-        static = StaticKVCache(cache, key[4])
-        if compile:
-            static.mark_dynamic()
-            # Attention written out (the reference backend) compiles into a few fused loops
-            # around two small products; SDPA stays one opaque call. Compiled, SmolLM2's steps
-            # took 61-67 ms against 69-85 with SDPA at 8 rows (Xeon, in turns), 33-36 against
-            # 35-44 at 1 row. The backends compute the same function (tests/test_attention.py).
-            static.backend = "reference"
-        replay = _captured(model, static, compile) if graph else None
-        model._kept_step = (key, static, replay)  # nothing in it refers back to the model
+    layers, batch, heads, _, head_dim = cache.k.shape
+    like = (layers, batch, heads, head_dim, cache.k.dtype, cache.k.device)
+    static, replay = _kept(model, like, cache.max_len, graph, compile)
+    static.load(cache)
+    return _stepper(model, static, replay, compile, cache.max_len)
+
+
+def prefill_applies(model, device, cuda_graphs: bool, compile: bool) -> bool:
+    """`generate` prefills straight into the kept static cache (`prefilled_step`) with compiled
+    steps on a GPU: there the plain prefill's ~1,100 kernels launched from Python take 15-20 ms
+    for an 8B model, a few of its steps."""
+    return device.type == "cuda" and cuda_graphs and compile and static_steps_apply(model)
+
+
+def prefilled_step(model, tokens, mask, max_len: int, graph: bool = True,
+                   compile: bool = False):
+    """Prompts tokens (B, P), left-padded with `mask`, prefilled straight into the static cache
+    that `decoding_step` keeps (no plain cache, no copy), in one pass through the static cache
+    (`static_prefill`; with `compile` through `torch.compile`, one compilation for every P).
+    Returns the logits at the last position (B, vocab) and the step function of
+    `decoding_step`, for a cache of `max_len` slots."""
+    _check_backend(model)
+    if tokens.shape[1] > max_len:
+        raise ValueError(f"KV cache holds {max_len} positions; {tokens.shape[1]} needed")
+    device = tokens.device
+    graph = graph and device.type == "cuda" and static_steps_apply(model)
+    cfg, weight = model.cfg, model.layers[0].attention.wk.weight
+    like = (len(model.layers), len(tokens), cfg.n_kv_heads, cfg.head_dim, weight.dtype, device)
+    static, replay = _kept(model, like, max_len, graph, compile)
+    static.clear()
+    if compile:
+        torch._dynamo.maybe_mark_dynamic(tokens, 1)
+        torch._dynamo.maybe_mark_dynamic(mask, 1)
+    # The prefill attends with the model's own backend (the steps' reference formula would hold
+    # every prompt's P x P scores at once).
+    step_backend, static.backend = static.backend, None
+    try:
+        logits = (compiled_static_prefill() if compile else static_prefill)(model, static,
+                                                                            tokens, mask)
+    finally:
+        static.backend = step_backend
+    static.pos = tokens.shape[1]
+    return logits, _stepper(model, static, replay, compile, max_len)
+
+
+def _stepper(model, static, replay, compile, max_len):
+    """The step function over `static`, filled to `static.pos` for a call of `max_len` slots."""
     fn = compiled_static_step() if compile else static_step
-    left = [cache.max_len - cache.pos]  # slots this call may fill: a replay past the cache's
-    # own would write out of bounds on the device, which ends the CUDA context, not raises
+    left = [max_len - static.pos]  # slots this call may fill: a replay past the cache's own
+    # would write out of bounds on the device, which ends the CUDA context, not raises
 
     def step(tok):
         if left[0] <= 0:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; all are filled")
+            raise ValueError(f"KV cache holds {max_len} positions; all are filled")
         left[0] -= 1
         return replay(tok) if replay else fn(model, static, tok)
     step.cache = static
@@ -243,7 +346,7 @@ def _captured(model, static: StaticKVCache, compile: bool):
                 t.copy_(s)
     torch.cuda.current_stream(device).wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):  # recorded, not run: the cache is as the prefill left it
+    with torch.cuda.graph(g):  # recorded, not run: the cache is left as it was
         logits_out = fn(model, static, tok_in)
 
     def replay(tok):

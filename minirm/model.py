@@ -425,10 +425,11 @@ class Transformer(nn.Module):
         positions = positions.clamp(min=0)  # left padding sits at position 0
         allowed = None
         if getattr(cache, "static", False):
-            # A static step (`minirm.graphs`: a CUDA graph's, or a compiled one): one token a
-            # row, which sees every real slot of the whole cache, its own included; no test
-            # that syncs.
-            allowed = key_mask[:, None, None, :]
+            # A static cache (`minirm.graphs`: a CUDA graph's steps, or compiled ones). One token
+            # a row sees every real slot of the whole cache, its own included; a prefill from
+            # empty, the usual rule over its own T slots. No test that syncs.
+            allowed = (key_mask[:, None, None, :] if T == 1
+                       else build_mask(key_mask, T, T, tokens.device))
         elif key_mask is not None and bool(key_mask.all()):
             key_mask = None  # no padding at all: attention takes its causal fast paths
         # Who sees whom, built once for all layers (not by the flash backend, which never

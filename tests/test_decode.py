@@ -129,7 +129,7 @@ def test_where_the_step_applies(monkeypatch):
             monkeypatch.setenv("MINIRM_CPU_STEP", "0")
             assert not decode.applies(model, cache, 3)
             monkeypatch.delenv("MINIRM_CPU_STEP")
-            assert not decode.applies(model, StaticKVCache(prefilled(model, prompts, 4)), 3)
+            assert not decode.applies(model, StaticKVCache.of(prefilled(model, prompts, 4)), 3)
             odd = prefilled(model, prompts, 4)
             odd.mask = odd.mask.t().contiguous().t()  # the same mask, laid out by columns
             assert not decode.applies(model, odd, 3)

@@ -61,7 +61,7 @@ def test_a_static_cache_with_more_slots_steps_the_same():
     new = torch.randint(3, 256, (3, 4), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         plain, _ = prefilled(model, PROMPTS, new.shape[1])
-        static = StaticKVCache(prefilled(model, PROMPTS, new.shape[1])[0], slots=40)
+        static = StaticKVCache.of(prefilled(model, PROMPTS, new.shape[1])[0], slots=40)
         assert static.k.shape[3] == 40 and static.max_len == 40
         for t in range(new.shape[1]):
             want = model(new[:, t:t + 1], None, plain)[:, -1]
@@ -69,6 +69,36 @@ def test_a_static_cache_with_more_slots_steps_the_same():
                                        rtol=0)
     assert torch.equal(static.mask[:, :plain.max_len], plain.mask)
     assert not static.mask[:, plain.max_len:].any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_a_prefill_into_the_static_cache_equals_the_plain_one(backend):
+    """`prefilled_step`: left-padded prompts straight into the kept static cache (a causal mask
+    over its slots, without a sync) give the plain prefill's logits, then the plain cache's
+    steps; a second call of the same shape clears and reuses that cache."""
+    from minirm.graphs import prefilled_step
+
+    model = Transformer(preset("debug", attention=backend)).init_weights(seed=3).double().eval()
+    new = torch.randint(3, 256, (3, 4), generator=torch.Generator().manual_seed(4))
+    kept = None
+    with torch.inference_mode():
+        for prompts in (PROMPTS, [[256, 3, 4, 5, 6, 7], [256, 30, 31, 32], [256]]):
+            plain, want = prefilled(model, prompts, new.shape[1])
+            x, mask = left_pad(prompts, model.cfg.pad_id)
+            got, step = prefilled_step(model, x, mask, plain.max_len, graph=False)
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+            assert kept is None or step.cache is kept
+            kept = step.cache
+            assert torch.equal(kept.mask, plain.mask) and torch.equal(kept.lengths, plain.lengths)
+            for t in range(new.shape[1]):
+                want = model(new[:, t:t + 1], None, plain)[:, -1]
+                torch.testing.assert_close(step(new[:, t]), want, atol=1e-12, rtol=0)
+            with pytest.raises(ValueError, match="all are filled"):
+                step(new[:, 0])
+        with pytest.raises(ValueError, match="only as a prefill from empty"):
+            model(x, mask, step.cache)  # several tokens after the cache's filled slots
+        with pytest.raises(ValueError, match="holds 5 positions; 6 needed"):
+            prefilled_step(model, x, mask, 5, graph=False)
 
 
 def test_the_static_step_is_kept_for_the_next_call():
@@ -117,7 +147,7 @@ def test_static_steps_refuse_the_flash_backend_and_torchrun(monkeypatch):
         with pytest.raises(ValueError, match="not flash"):
             decoding_step(model, cache, graph=False)
         with pytest.raises(NotImplementedError, match="keeps its batch"):
-            StaticKVCache(cache).rows(torch.tensor([0]))
+            StaticKVCache.of(cache).rows(torch.tensor([0]))
     sdpa = Transformer(preset("debug")).eval()
     assert G.static_steps_apply(sdpa)
     monkeypatch.setattr(G.dist, "is_initialized", lambda: True)
@@ -201,6 +231,35 @@ def test_generate_with_compiled_steps_samples_what_eager_decoding_samples(monkey
     assert len(calls) == 2
     monkeypatch.setattr(G, "GRAPH_ROWS", 3)
     generate(model, prompts, 10, pad_id=0, compile=True)
+    assert len(calls) == 2
+
+
+def test_generate_with_a_compiled_prefill_samples_what_eager_decoding_samples(monkeypatch):
+    """With compiled steps on a GPU (`graphs.prefill_applies`, made true here on the CPU),
+    distinct prompts are prefilled compiled, straight into the static cache: generate gives
+    eager decoding's tokens, masks and ends, log-probs to float32 rounding; prompts of another
+    length run the same compiled prefill (its length is dynamic)."""
+    import minirm.generate as G
+    import minirm.graphs
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("MINIRM_CPU_STEP", "0")
+    monkeypatch.setattr(G, "prefill_applies", lambda model, device, graphs, compile: compile)
+    calls = []
+    compiled = minirm.graphs.compiled_static_prefill
+    monkeypatch.setattr(minirm.graphs, "compiled_static_prefill",
+                        lambda: calls.append(1) or compiled())
+    model = packable(seed=2)
+    longer = [[256, 3, 4, 5, 6, 7, 8, 9, 10], [256, 30], [256, 40, 41, 42]]
+    for i, prompts in enumerate((PROMPTS, longer)):
+        runs = [generate(model, prompts, 10, pad_id=0, temperature=1.0, compile=c,
+                         generator=torch.Generator().manual_seed(5)) for c in (False, True)]
+        assert torch.equal(runs[0].tokens, runs[1].tokens)
+        assert torch.equal(runs[0].mask, runs[1].mask)
+        torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=1e-4, rtol=0)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
     assert len(calls) == 2
 
 
