@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU is visible')"
 out=${OUT:-benchmarks}
-name=gpu-$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+# "NVIDIA H200" -> gpu-h200, "NVIDIA H100 80GB HBM3" -> gpu-h100-80gb-hbm3
+name=gpu-$(python -c "import torch; print('-'.join(torch.cuda.get_device_name().lower().split()[1:]))")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 tests=0  # a failing test still lets the bench run; the script then exits with the failure
 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_graphs.py \

@@ -54,6 +54,7 @@ at one row against 27 compiled, 26 ms at 8 rows against 37-42.
 """
 
 import functools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,7 @@ class StaticKVCache(KVCache):
         # all layers share became a copy of the whole buffer per layer: SmolLM2's compiled step
         # took 113-126 ms at 8 rows that way, 56-63 ms with these views.
         self.layer_k, self.layer_v = list(self.k.unbind(0)), list(self.v.unbind(0))
+        self.calls = 0  # `load`s and `clear`s so far: each starts another call's steps
 
     @classmethod
     def of(cls, cache: KVCache, slots: int | None = None):
@@ -99,6 +101,7 @@ class StaticKVCache(KVCache):
         for t in (self.k, self.v, self.mask, self.lengths, self.slot):
             t.zero_()
         self.pos = 0  # slots filled when the static steps began (they do not update it)
+        self.calls += 1
 
     def load(self, cache: KVCache):
         """Take in a prefilled cache of the same batch and heads: its filled slots, mask and
@@ -114,6 +117,7 @@ class StaticKVCache(KVCache):
         self.lengths.copy_(cache.lengths)
         self.slot.fill_(p)
         self.pos = p
+        self.calls += 1
 
     def start(self, mask):
         """Mark the new tokens' slots real or padding. One token a row: the key mask is every
@@ -211,6 +215,11 @@ def compiled_static_step():
 # them: 256 slots of an 8B model's cache are 32 MiB a row, read each step beside 15 GiB of
 # weights. Without a graph the cache has the slots the call needs, no more.
 SLOT_BLOCK = 256
+# `prefilled_step` pads prompts on the left to a multiple of this many tokens.
+PREFILL_ALIGN = 8
+# model -> (key, StaticKVCache, graph replay or None): the step kept for each model's next call.
+# Beside the model, not on it: a copy of the model (deepcopy, pickle) should not carry a graph.
+KEPT = weakref.WeakKeyDictionary()
 
 
 def _kept(model, like, max_len: int, graph: bool, compile: bool):
@@ -223,11 +232,15 @@ def _kept(model, like, max_len: int, graph: bool, compile: bool):
     and keeps the graph, a cast or a move replaces them)."""
     block = SLOT_BLOCK if graph else 1
     slots = -(-max_len // block) * block
+    device = like[-1]
+    # RoPE's frequencies too, made now rather than inside a compiled or captured call: their
+    # first making would compile once more and could land inside the capture.
     key = (graph, compile, like, slots, tuple(layer.attention.backend for layer in model.layers),
-           tuple(p.data_ptr() for p in model.parameters()))
-    kept = getattr(model, "_kept_step", None)
+           tuple(p.data_ptr() for p in model.parameters()), model.inv_freq(device).data_ptr(),
+           torch.is_inference_mode_enabled())  # (inference tensors: in-place only in there)
+    kept = KEPT.get(model)
     if kept is None or kept[0] != key:
-        model._kept_step = None  # free the last one's buffers and graph before making these
+        KEPT.pop(model, None)  # free the last one's buffers and graph before making these
         layers, batch, heads, head_dim, dtype, device = like
         static = StaticKVCache(layers, batch, heads, slots, head_dim, dtype, device)
         if compile:
@@ -238,7 +251,7 @@ def _kept(model, like, max_len: int, graph: bool, compile: bool):
             # 35-44 at 1 row. The backends compute the same function (tests/test_attention.py).
             static.backend = "reference"
         replay = _captured(model, static, compile) if graph else None
-        kept = model._kept_step = (key, static, replay)  # nothing in it refers to the model
+        kept = KEPT[model] = (key, static, replay)  # nothing in it refers to the model
     return kept[1], kept[2]
 
 
@@ -285,6 +298,15 @@ def prefilled_step(model, tokens, mask, max_len: int, graph: bool = True,
     _check_backend(model)
     if tokens.shape[1] > max_len:
         raise ValueError(f"KV cache holds {max_len} positions; {tokens.shape[1]} needed")
+    # More left padding, to a multiple of PREFILL_ALIGN slots: it changes no output (padding
+    # is masked, positions count real tokens), and the compiled prefill then never sees a
+    # length of 1 (compiled apart) or an odd one (a mask's rows must be 16-byte aligned for
+    # SDPA's memory-efficient kernel, which compiled code calls as it is).
+    pad = -tokens.shape[1] % PREFILL_ALIGN
+    if pad:
+        tokens = torch.nn.functional.pad(tokens, (pad, 0))
+        mask = torch.nn.functional.pad(mask, (pad, 0))
+        max_len += pad
     device = tokens.device
     graph = graph and device.type == "cuda" and static_steps_apply(model)
     cfg, weight = model.cfg, model.layers[0].attention.wk.weight
@@ -311,8 +333,12 @@ def _stepper(model, static, replay, compile, max_len):
     fn = compiled_static_step() if compile else static_step
     left = [max_len - static.pos]  # slots this call may fill: a replay past the cache's own
     # would write out of bounds on the device, which ends the CUDA context, not raises
+    call = static.calls
 
     def step(tok):
+        if static.calls != call:
+            raise ValueError("a later decoding_step or prefilled_step call took over this "
+                             "step's cache (one kept per model); make a new step")
         if left[0] <= 0:
             raise ValueError(f"KV cache holds {max_len} positions; all are filled")
         left[0] -= 1
@@ -322,8 +348,9 @@ def _stepper(model, static, replay, compile, max_len):
 
 
 def release(model):
-    """Free the static step and cache that `decoding_step` keeps with `model`."""
-    model._kept_step = None
+    """Free the static step and cache that `decoding_step` keeps for `model` (also done when
+    the model is moved or cast: `Transformer._apply`)."""
+    KEPT.pop(model, None)
 
 
 def _captured(model, static: StaticKVCache, compile: bool):

@@ -369,6 +369,16 @@ class Transformer(nn.Module):
         self._compiled = [torch.compile(layer, **options) for layer in self.layers]
         return self
 
+    def _apply(self, fn, *args, **kwargs):
+        # A move or a cast (to, cuda, float, ...) replaces the tensors: the decoding step kept
+        # for the old ones (`minirm.graphs`, a CUDA graph reading them by address) goes, even
+        # if the new ones land at the same addresses.
+        from minirm import graphs
+
+        graphs.release(self)
+        self._inv_freq = None
+        return super()._apply(fn, *args, **kwargs)
+
     def inv_freq(self, device):
         if self._inv_freq is None or self._inv_freq.device != device:
             self._inv_freq = llama3_inv_freq(self.cfg).to(device)

@@ -203,9 +203,12 @@ class Reinforce:
         ids = [x for x in ids for _ in range(k)]           # the k samples of a prompt adjacent
         from minirm.generate import generate
         from minirm.generate import release
-        gen = generate(self.policy, ids, s.max_new_tokens, s.temperature,
-                       stop_ids=self.stop_ids, pad_id=self.tok.pad_id, generator=self.generator)
-        release(self.policy)  # the optimizer steps change the weights: the next rollout repacks
+        try:
+            gen = generate(self.policy, ids, s.max_new_tokens, s.temperature,
+                           stop_ids=self.stop_ids, pad_id=self.tok.pad_id,
+                           generator=self.generator)
+        finally:  # the optimizer steps change the weights: the next rollout repacks
+            release(self.policy)
         responses = gen.token_lists(keep_stop=True)       # each ends with its stop id if ended
         ended = gen.ended.cpu()
         seqs = [p + r for p, r in zip(ids, responses)]

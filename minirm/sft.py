@@ -366,16 +366,18 @@ def sample_report(model, tok, prompts, temperature=0.0, max_new_tokens=64, seed=
     gen = torch.Generator(device=device).manual_seed(seed)
     stop = set(model.cfg.eos_ids) | tok.stop_ids
     rows, ended = [], 0
-    for i in range(0, len(prompts), batch_size):
-        part = prompts[i:i + batch_size]
-        ids = [tok.encode_chat(chat_prompt(p), add_generation_prompt=True).ids for p in part]
-        g = generate(model, ids, max_new_tokens, temperature, stop_ids=stop, pad_id=tok.pad_id,
-                     generator=gen)
-        ended += int(g.ended.sum())
-        for p, r in zip(part, g.token_lists(stop_ids=stop)):
-            text = tok.decode(r)
-            rows.append((p, text, toysteer.true_score(p, text)))
-    release(model)  # training goes on: not a copy of the weights held through it
+    try:
+        for i in range(0, len(prompts), batch_size):
+            part = prompts[i:i + batch_size]
+            ids = [tok.encode_chat(chat_prompt(p), add_generation_prompt=True).ids for p in part]
+            g = generate(model, ids, max_new_tokens, temperature, stop_ids=stop,
+                         pad_id=tok.pad_id, generator=gen)
+            ended += int(g.ended.sum())
+            for p, r in zip(part, g.token_lists(stop_ids=stop)):
+                text = tok.decode(r)
+                rows.append((p, text, toysteer.true_score(p, text)))
+    finally:
+        release(model)  # training goes on: nothing of decoding's held through it
     return sum(r[2] for r in rows) / len(rows), ended / len(rows), rows
 
 

@@ -7,7 +7,7 @@ import torch
 
 from minirm.config import preset
 from minirm.generate import generate, left_pad
-from minirm.graphs import StaticKVCache, can_graph, decoding_step
+from minirm.graphs import KEPT, StaticKVCache, can_graph, decoding_step
 from minirm.model import KVCache, Transformer
 from minirm.packed import layout_in_use, packed_for_decoding
 
@@ -73,10 +73,11 @@ def test_a_static_cache_with_more_slots_steps_the_same():
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
 def test_a_prefill_into_the_static_cache_equals_the_plain_one(backend):
-    """`prefilled_step`: left-padded prompts straight into the kept static cache (a causal mask
-    over its slots, without a sync) give the plain prefill's logits, then the plain cache's
-    steps; a second call of the same shape clears and reuses that cache."""
-    from minirm.graphs import prefilled_step
+    """`prefilled_step`: left-padded prompts (padded further, to a multiple of PREFILL_ALIGN)
+    straight into the first slots of the kept static cache give the plain prefill's logits,
+    then the plain cache's steps; a second call of the same shape clears and reuses that
+    cache."""
+    from minirm.graphs import PREFILL_ALIGN, prefilled_step
 
     model = Transformer(preset("debug", attention=backend)).init_weights(seed=3).double().eval()
     new = torch.randint(3, 256, (3, 4), generator=torch.Generator().manual_seed(4))
@@ -89,7 +90,10 @@ def test_a_prefill_into_the_static_cache_equals_the_plain_one(backend):
             torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
             assert kept is None or step.cache is kept
             kept = step.cache
-            assert torch.equal(kept.mask, plain.mask) and torch.equal(kept.lengths, plain.lengths)
+            pad = -x.shape[1] % PREFILL_ALIGN  # more left padding: the same outputs
+            assert pad and kept.max_len == plain.max_len + pad and not kept.mask[:, :pad].any()
+            assert torch.equal(kept.mask[:, pad:], plain.mask)
+            assert torch.equal(kept.lengths, plain.lengths)
             for t in range(new.shape[1]):
                 want = model(new[:, t:t + 1], None, plain)[:, -1]
                 torch.testing.assert_close(step(new[:, t]), want, atol=1e-12, rtol=0)
@@ -123,16 +127,34 @@ def test_the_static_step_is_kept_for_the_next_call():
 
     with torch.inference_mode():
         first = check(PROMPTS, 3)
-        assert check(other, 3) is first and model._kept_step[1] is first
+        assert check(other, 3) is first and KEPT[model][1] is first
         model.layers[0].attention.wq.weight.mul_(1.5)  # as an optimizer's step would
         assert check(PROMPTS, 3) is first
         longer = check(PROMPTS, 5)
         assert longer is not first and longer.k.shape[3] == longer.max_len == 11
-    model.float()
+    model.float()  # a cast drops the kept step (Transformer._apply)
+    assert model not in KEPT
     with torch.inference_mode():
-        assert check(PROMPTS, 5) is not longer  # new weights, new step
+        cast = check(PROMPTS, 5)
+        assert cast is not longer and cast.k.dtype == torch.float32
+    with torch.no_grad():  # outside inference mode: not the inference tensors of inside it
+        assert check(PROMPTS, 5) is not cast
     release(model)
-    assert model._kept_step is None
+    assert model not in KEPT
+
+
+def test_a_step_whose_cache_a_later_call_took_over_refuses_to_run():
+    """One static cache is kept per model: a step function made before the last call that took
+    the cache over would decode that call's tokens, past its own count of free slots."""
+    model = Transformer(preset("debug")).init_weights(seed=3).eval()
+    with torch.inference_mode():
+        first = decoding_step(model, prefilled(model, PROMPTS, 3)[0], graph=False)
+        first(torch.tensor([5, 6, 7]))
+        second = decoding_step(model, prefilled(model, PROMPTS, 3)[0], graph=False)
+        assert second.cache is first.cache
+        with pytest.raises(ValueError, match="took over this step's cache"):
+            first(torch.tensor([5, 6, 7]))
+        second(torch.tensor([5, 6, 7]))
 
 
 def test_static_steps_refuse_the_flash_backend_and_torchrun(monkeypatch):
@@ -226,8 +248,8 @@ def test_generate_with_compiled_steps_samples_what_eager_decoding_samples(monkey
         if "stop_ids" in kwargs:  # they ended some rows, not all
             assert runs[1].ended.any() and not runs[1].ended.all()
         if "top_k" in kwargs:  # the second call took over the first one's static cache
-            assert model._kept_step[1] is kept
-        kept = model._kept_step[1]
+            assert KEPT[model][1] is kept
+        kept = KEPT[model][1]
     assert len(calls) == 2
     monkeypatch.setattr(G, "GRAPH_ROWS", 3)
     generate(model, prompts, 10, pad_id=0, compile=True)
@@ -266,7 +288,10 @@ def test_generate_with_a_compiled_prefill_samples_what_eager_decoding_samples(mo
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_replay_equals_the_eager_static_steps(dtype):
-    """The captured step replays exactly the kernels of the same step run eagerly."""
+    """The captured step replays exactly the kernels of the same step run eagerly over a static
+    cache of as many slots (SLOT_BLOCK's multiple)."""
+    from minirm.graphs import static_step
+
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Transformer(preset("debug")).init_weights(seed=3).to(dtype).eval()
@@ -275,10 +300,10 @@ def test_graph_replay_equals_the_eager_static_steps(dtype):
         eager_cache, _ = prefilled(model, PROMPTS, new.shape[1], [0, 1, 0, 2])
         graph_cache, _ = prefilled(model, PROMPTS, new.shape[1], [0, 1, 0, 2])
         assert can_graph(model, graph_cache)
-        eager = decoding_step(model, eager_cache, graph=False)
         graphed = decoding_step(model, graph_cache)
+        eager = StaticKVCache.of(eager_cache, slots=graphed.cache.max_len)
         for t in range(new.shape[1]):
-            want = eager(new[:, t]).clone()
+            want = static_step(model, eager, new[:, t]).clone()
             torch.testing.assert_close(graphed(new[:, t]), want, atol=0, rtol=0)
 
 
@@ -320,10 +345,10 @@ def test_generate_keeps_its_graph_for_the_next_call(compile):
                 for g in (False, True)]
         assert torch.equal(runs[0].tokens, runs[1].tokens)
         torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=1e-4, rtol=0)
-        graphs.append(model._kept_step[2])
+        graphs.append(KEPT[model][2])
     assert graphs[0] is graphs[1] is graphs[2]
     model.to(torch.bfloat16)
     generate(model, PROMPTS, 12, pad_id=0)
-    assert model._kept_step[2] is not graphs[0]
+    assert KEPT[model][2] is not graphs[0]
     release(model)
-    assert model._kept_step is None
+    assert model not in KEPT
