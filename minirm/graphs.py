@@ -33,24 +33,30 @@ calls of nearby lengths share it; a call that needs more slots, or weights that 
 cast, a new device), capture again, and `release(model)` frees it (in-place updates of the
 weights, as an optimizer makes them, keep it: the graph reads them where they are).
 
-With `compile=True` the graph records the compiled step (below) instead of the eager one:
-inductor's fused kernels in place of the ~30 small ones of each layer. The prefill, ~1,100
-kernels launched from Python for an 8B model (15-20 ms, a few steps' time), then runs compiled
-too, straight into the graph's cache (`prefilled_step`: the static cache takes a prefill from
-empty into its first slots; one compilation serves every prompt length).
+With `compile=True` the graph records compiled blocks instead of eager ones: inductor's fused
+kernels in place of the ~30 small ones of each layer. One compiled function serves every block
+(`compiled_block`: each block writes through its own view of the cache, so the compiled code
+never sees a layer's number), which compiles in seconds where the whole step as one function
+(below) takes minutes for a large model; replayed from the graph, the Python around each block
+costs nothing. The prefill, ~1,100 kernels launched from Python for an 8B model (15-20 ms, a
+few steps' time), then runs block by block compiled too, straight into the graph's cache
+(`prefilled_step`: the static cache takes a prefill from empty into its first slots; one
+compilation serves every prompt length).
 
-On the CPU the same static step can run through `torch.compile` (`decoding_step(compile=True)`,
-`generate(compile=True)`): inductor fuses the ~20 small operations of each layer between the
-products (norms, RoPE, cache writes, SwiGLU, residuals) into a few C++ loops, and the step's
-Python runs once per compiled graph, not once per operation; attention is the reference
-formula, which inductor fuses, in place of the model's backend. On a 2-core Xeon, timed in
-turns with the eager steps in one process, SmolLM2-135M's steps were 16-24% faster at 8 rows
-(68-82 ms against 80-107 on a busy host) and 24-34% at 1 row (35-39 against 51-53), after
-25-130 s of compiling on the first call (benchmarks/README.md). The cache's length is marked
-dynamic, so one compilation serves every prompt length and number of new tokens; each new
-batch size or packed layout (`minirm.packed`) compiles again. Where the streamed layout is in
-use, `generate` takes `minirm.decode`'s step instead, the whole step in one call to C++: 20 ms
-at one row against 27 compiled, 26 ms at 8 rows against 37-42.
+On the CPU the same static step can run through `torch.compile` as a whole
+(`decoding_step(compile=True)`, `generate(compile=True)`; `compiled_static_step`): inductor
+fuses the ~20 small operations of each layer between the products (norms, RoPE, cache writes,
+SwiGLU, residuals) into a few C++ loops, and the step's Python runs once per compiled graph,
+not once per operation (compiled block by block, the Python around 30 blocks took back most of
+the gain: 37.9 ms a step at one row against 38.8 eager and 29.8 compiled whole); attention is
+the reference formula, which inductor fuses, in place of the model's backend. On a 2-core Xeon,
+timed in turns with the eager steps in one process, SmolLM2-135M's steps were 16-24% faster at
+8 rows (68-82 ms against 80-107 on a busy host) and 24-34% at 1 row (35-39 against 51-53),
+after 25-130 s of compiling on the first call (benchmarks/README.md). The cache's length is
+marked dynamic, so one compilation serves every prompt length and number of new tokens; each
+new batch size or packed layout (`minirm.packed`) compiles again. Where the streamed layout is
+in use, `generate` takes `minirm.decode`'s step instead, the whole step in one call to C++: 20
+ms at one row against 27 compiled, 26 ms at 8 rows against 37-42.
 """
 
 import functools
@@ -70,6 +76,8 @@ class StaticKVCache(KVCache):
 
     static = True  # `Transformer.body` then attends over every slot and never reads the mask back
     backend = None  # the attention backend of the steps, when not the model's own
+    run_block = None  # with compiled blocks (`compile_blocks`), what runs each block instead
+    compiled = None  # how its steps run compiled: "step", "blocks" or not (None)
 
     def __init__(self, n_layers, batch, heads, slots, head_dim, dtype, device):
         super().__init__(n_layers, batch, slots)
@@ -83,6 +91,7 @@ class StaticKVCache(KVCache):
         # all layers share became a copy of the whole buffer per layer: SmolLM2's compiled step
         # took 113-126 ms at 8 rows that way, 56-63 ms with these views.
         self.layer_k, self.layer_v = list(self.k.unbind(0)), list(self.v.unbind(0))
+        self.views = [_LayerView(self, i) for i in range(n_layers)]
         self.calls = 0  # `load`s and `clear`s so far: each starts another call's steps
 
     @classmethod
@@ -132,14 +141,23 @@ class StaticKVCache(KVCache):
         return self.mask[:, :T]
 
     def update(self, layer, k, v):
-        T = k.shape[2]
-        if T == 1:
-            self.layer_k[layer].index_copy_(2, self.slot, k)
-            self.layer_v[layer].index_copy_(2, self.slot, v)
-            return self.layer_k[layer], self.layer_v[layer]
-        self.layer_k[layer][:, :, :T] = k
-        self.layer_v[layer][:, :, :T] = v
-        return k, v
+        return self.views[layer].update(layer, k, v)
+
+    def compile_blocks(self):
+        """Run the blocks through one compiled function (`compiled_block`) from now on."""
+        self.mark_dynamic()
+        self.run_block, self.compiled = self._compiled_block, "blocks"
+
+    def _compiled_block(self, i, block, x, cos, sin, key_mask, allowed):
+        """Block i of a pass over this cache, compiled: the same compiled code for every block
+        (it sees block i's weights and its own view of the cache, never the number i), and for
+        every prompt length of a prefill (its length is marked dynamic)."""
+        marks = [(key_mask, 1), (allowed, 3)]  # the cache's slots, or a prefill's length
+        if x.shape[1] > 1:
+            marks += [(x, 1), (cos, 1), (sin, 1), (allowed, 2)]
+        for t, dim in marks:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        return compiled_block()(block, x, cos, sin, key_mask, self.views[i], allowed)
 
     def _check_prefill(self, T):
         if self.pos != 0:  # (its length is `prefilled_step`'s to check: compiled, a test of
@@ -160,6 +178,51 @@ class StaticKVCache(KVCache):
     def rows(self, rows):
         raise NotImplementedError("a static cache keeps its batch; decode with the plain KVCache "
                                   "to drop rows")
+
+
+class _LayerView:
+    """One layer's part of a `StaticKVCache`, as a cache for that layer's block alone: a compiled
+    block that wrote through the whole cache would look its layer up by number and compile once
+    per layer."""
+
+    static = True
+
+    def __init__(self, cache: StaticKVCache, layer: int):
+        self.cache, self.k, self.v = cache, cache.layer_k[layer], cache.layer_v[layer]
+
+    @property
+    def backend(self):
+        return self.cache.backend
+
+    def update(self, layer, k, v):
+        """The new keys and values of T tokens a row: one at the cache's slot (a step), or the
+        first T slots (a prefill from empty, `StaticKVCache.start`)."""
+        T = k.shape[2]
+        if T == 1:
+            self.k.index_copy_(2, self.cache.slot, k)
+            self.v.index_copy_(2, self.cache.slot, v)
+            return self.k, self.v
+        self.k[:, :, :T] = k
+        self.v[:, :, :T] = v
+        return k, v
+
+
+def run_block(block, x, cos, sin, key_mask, view: _LayerView, allowed):
+    """One block of a pass over a static cache, with the block's own view of it."""
+    return block(x, cos, sin, key_mask, view, 0, allowed, None)
+
+
+@functools.cache
+def compiled_block():
+    """`run_block` through `torch.compile`, one for the process: one compiled graph serves every
+    block of a model, and the graphs are kept between calls (one for steps, one for prefills,
+    per batch size, packed layout and model shape). The whole step compiled as one function (30
+    blocks unrolled) took 90 s to compile for SmolLM2-135M on the CPU, and the whole prefill
+    120 s; block by block, 21 s and 6 s (the first call's time, packing included)."""
+    from minirm.model import allow_recompiles
+
+    allow_recompiles(32)
+    return torch.compile(run_block)
 
 
 def takes_step_mask(model) -> bool:
@@ -192,15 +255,6 @@ def static_prefill(model, cache: StaticKVCache, tokens, mask):
 
 
 @functools.cache
-def compiled_static_prefill():
-    """`static_prefill` through `torch.compile`, one for the process, as `compiled_static_step`."""
-    from minirm.model import allow_recompiles
-
-    allow_recompiles(32)
-    return torch.compile(static_prefill)
-
-
-@functools.cache
 def compiled_static_step():
     """`static_step` through `torch.compile`, one for the process: its compiled graphs are kept
     between `generate` calls (a graph per batch size, packed layout and model)."""
@@ -222,10 +276,11 @@ PREFILL_ALIGN = 8
 KEPT = weakref.WeakKeyDictionary()
 
 
-def _kept(model, like, max_len: int, graph: bool, compile: bool):
+def _kept(model, like, max_len: int, graph: bool, compiled: str | None):
     """The static cache and graph replay (None without a graph) kept with `model` for caches
     like `like` (n_layers, batch, heads, head_dim, dtype, device) of up to `max_len` slots: the
-    kept ones when they fit, else new ones (captured at once, with `graph`).
+    kept ones when they fit, else new ones (captured at once, with `graph`). `compiled`: None,
+    "step" (the whole step through `compiled_static_step`) or "blocks" (`compiled_block`).
 
     They depend on how the step runs, the cache's shape and type, the attention backends, and
     where each weight lives (a graph reads them there: an optimizer's step updates them in place
@@ -235,7 +290,7 @@ def _kept(model, like, max_len: int, graph: bool, compile: bool):
     device = like[-1]
     # RoPE's frequencies too, made now rather than inside a compiled or captured call: their
     # first making would compile once more and could land inside the capture.
-    key = (graph, compile, like, slots, tuple(layer.attention.backend for layer in model.layers),
+    key = (graph, compiled, like, slots, tuple(layer.attention.backend for layer in model.layers),
            tuple(p.data_ptr() for p in model.parameters()), model.inv_freq(device).data_ptr(),
            torch.is_inference_mode_enabled())  # (inference tensors: in-place only in there)
     kept = KEPT.get(model)
@@ -243,14 +298,18 @@ def _kept(model, like, max_len: int, graph: bool, compile: bool):
         KEPT.pop(model, None)  # free the last one's buffers and graph before making these
         layers, batch, heads, head_dim, dtype, device = like
         static = StaticKVCache(layers, batch, heads, slots, head_dim, dtype, device)
-        if compile:
+        if compiled == "blocks":
+            static.compile_blocks()
+        elif compiled == "step":
             static.mark_dynamic()
+            static.compiled = "step"
+        if compiled:
             # Attention written out (the reference backend) compiles into a few fused loops
             # around two small products; SDPA stays one opaque call. Compiled, SmolLM2's steps
             # took 61-67 ms against 69-85 with SDPA at 8 rows (Xeon, in turns), 33-36 against
             # 35-44 at 1 row. The backends compute the same function (tests/test_attention.py).
             static.backend = "reference"
-        replay = _captured(model, static, compile) if graph else None
+        replay = _captured(model, static, compiled) if graph else None
         kept = KEPT[model] = (key, static, replay)  # nothing in it refers to the model
     return kept[1], kept[2]
 
@@ -261,12 +320,15 @@ def _check_backend(model):
                          "step's mask (reference or sdpa), not flash")
 
 
-def decoding_step(model, cache: KVCache, graph: bool = True, compile: bool = False):
+def decoding_step(model, cache: KVCache, graph: bool = True, compile: bool = False,
+                  blocks: bool | None = None):
     """A function tok (B,) -> logits (B, vocab) for the position after `cache`, which each call
     advances by one slot, up to the cache's length. With `graph` and `can_graph`, the step is
-    captured once and replayed; without, the same static step runs eagerly, or with `compile`
-    through `torch.compile` (`compiled_static_step`; on a GPU, the compiled step is what the
-    graph captures).
+    captured once and replayed; without, the same static step runs eagerly. With `compile` it
+    runs through `torch.compile`: block by block (`blocks`, the default with a graph:
+    `compiled_block`, which compiles in seconds and costs a few hundred microseconds of Python a
+    block, nothing once captured) or as a whole (the default without: `compiled_static_step`,
+    minutes of compiling for a large model, one call a step).
 
     The step and its cache (`StaticKVCache`, `.cache` of the function returned) stay with the
     model: the next call with a cache of the same shape takes them over (`StaticKVCache.load`)
@@ -276,9 +338,10 @@ def decoding_step(model, cache: KVCache, graph: bool = True, compile: bool = Fal
     graph = graph and can_graph(model, cache)
     layers, batch, heads, _, head_dim = cache.k.shape
     like = (layers, batch, heads, head_dim, cache.k.dtype, cache.k.device)
-    static, replay = _kept(model, like, cache.max_len, graph, compile)
+    how = None if not compile else "blocks" if (graph if blocks is None else blocks) else "step"
+    static, replay = _kept(model, like, cache.max_len, graph, how)
     static.load(cache)
-    return _stepper(model, static, replay, compile, cache.max_len)
+    return _stepper(model, static, replay, cache.max_len)
 
 
 def prefill_applies(model, device, cuda_graphs: bool, compile: bool) -> bool:
@@ -292,7 +355,8 @@ def prefilled_step(model, tokens, mask, max_len: int, graph: bool = True,
                    compile: bool = False):
     """Prompts tokens (B, P), left-padded with `mask`, prefilled straight into the static cache
     that `decoding_step` keeps (no plain cache, no copy), in one pass through the static cache
-    (`static_prefill`; with `compile` through `torch.compile`, one compilation for every P).
+    (`static_prefill`; with `compile` block by block through `torch.compile`, one compilation
+    for every P; the steps too).
     Returns the logits at the last position (B, vocab) and the step function of
     `decoding_step`, for a cache of `max_len` slots."""
     _check_backend(model)
@@ -311,26 +375,22 @@ def prefilled_step(model, tokens, mask, max_len: int, graph: bool = True,
     graph = graph and device.type == "cuda" and static_steps_apply(model)
     cfg, weight = model.cfg, model.layers[0].attention.wk.weight
     like = (len(model.layers), len(tokens), cfg.n_kv_heads, cfg.head_dim, weight.dtype, device)
-    static, replay = _kept(model, like, max_len, graph, compile)
+    static, replay = _kept(model, like, max_len, graph, "blocks" if compile else None)
     static.clear()
-    if compile:
-        torch._dynamo.maybe_mark_dynamic(tokens, 1)
-        torch._dynamo.maybe_mark_dynamic(mask, 1)
     # The prefill attends with the model's own backend (the steps' reference formula would hold
     # every prompt's P x P scores at once).
     step_backend, static.backend = static.backend, None
     try:
-        logits = (compiled_static_prefill() if compile else static_prefill)(model, static,
-                                                                            tokens, mask)
+        logits = static_prefill(model, static, tokens, mask)
     finally:
         static.backend = step_backend
     static.pos = tokens.shape[1]
-    return logits, _stepper(model, static, replay, compile, max_len)
+    return logits, _stepper(model, static, replay, max_len)
 
 
-def _stepper(model, static, replay, compile, max_len):
+def _stepper(model, static, replay, max_len):
     """The step function over `static`, filled to `static.pos` for a call of `max_len` slots."""
-    fn = compiled_static_step() if compile else static_step
+    step_fn = compiled_static_step() if static.compiled == "step" else static_step
     left = [max_len - static.pos]  # slots this call may fill: a replay past the cache's own
     # would write out of bounds on the device, which ends the CUDA context, not raises
     call = static.calls
@@ -342,7 +402,7 @@ def _stepper(model, static, replay, compile, max_len):
         if left[0] <= 0:
             raise ValueError(f"KV cache holds {max_len} positions; all are filled")
         left[0] -= 1
-        return replay(tok) if replay else fn(model, static, tok)
+        return replay(tok) if replay else step_fn(model, static, tok)
     step.cache = static
     return step
 
@@ -353,10 +413,10 @@ def release(model):
     KEPT.pop(model, None)
 
 
-def _captured(model, static: StaticKVCache, compile: bool):
+def _captured(model, static: StaticKVCache, compiled: str | None):
     """The static step captured as a CUDA graph: a function tok (B,) -> logits (B, vocab) that
     replays it (its output is the same tensor every step)."""
-    fn = compiled_static_step() if compile else static_step
+    step_fn = compiled_static_step() if compiled == "step" else static_step
     device = static.k.device
     tok_in = torch.zeros(static.batch, dtype=torch.long, device=device)
     # Warm up on a side stream (as capture needs: libraries pick their kernels and workspaces
@@ -367,14 +427,14 @@ def _captured(model, static: StaticKVCache, compile: bool):
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for _ in range(2 if compile else 1):  # a compiled function's first call compiles
-            fn(model, static, tok_in)
+        for _ in range(2 if compiled else 1):  # a compiled function's first call compiles
+            step_fn(model, static, tok_in)
             for t, s in zip((static.slot, static.lengths, static.mask), saved):
                 t.copy_(s)
     torch.cuda.current_stream(device).wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):  # recorded, not run: the cache is left as it was
-        logits_out = fn(model, static, tok_in)
+        logits_out = step_fn(model, static, tok_in)
 
     def replay(tok):
         tok_in.copy_(tok)

@@ -450,11 +450,14 @@ class Transformer(nn.Module):
         # sin comes with its first half negated, as apply_rope takes it.
         cos, sin = rope_cos_sin(self.inv_freq(tokens.device), positions, x.dtype)
         last_layer = len(self.layers) - 1
+        blocks = getattr(cache, "run_block", None)  # a static cache's compiled blocks (graphs.py)
         for i, layer in enumerate(self.layers):
             r = read if i == last_layer else None
             if self._compiled is not None and cache is None:
                 layer = self._compiled[i]
-            if (self.activation_checkpointing and self.training
+            if blocks is not None:
+                x = blocks(i, layer, x, cos, sin, key_mask, allowed)
+            elif (self.activation_checkpointing and self.training
                     and not isinstance(cache, KVCache)):
                 # Keep only block inputs; recompute the block in backward (memory for time).
                 x = checkpoint(layer, x, cos, sin, key_mask, cache, i, allowed, r,

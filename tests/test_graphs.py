@@ -250,7 +250,7 @@ def test_generate_with_compiled_steps_samples_what_eager_decoding_samples(monkey
         if "top_k" in kwargs:  # the second call took over the first one's static cache
             assert KEPT[model][1] is kept
         kept = KEPT[model][1]
-    assert len(calls) == 2
+    assert len(calls) == 2  # the whole step compiled, once per call
     monkeypatch.setattr(G, "GRAPH_ROWS", 3)
     generate(model, prompts, 10, pad_id=0, compile=True)
     assert len(calls) == 2
@@ -258,19 +258,20 @@ def test_generate_with_compiled_steps_samples_what_eager_decoding_samples(monkey
 
 def test_generate_with_a_compiled_prefill_samples_what_eager_decoding_samples(monkeypatch):
     """With compiled steps on a GPU (`graphs.prefill_applies`, made true here on the CPU),
-    distinct prompts are prefilled compiled, straight into the static cache: generate gives
-    eager decoding's tokens, masks and ends, log-probs to float32 rounding; prompts of another
-    length run the same compiled prefill (its length is dynamic)."""
+    distinct prompts are prefilled compiled, straight into the static cache, and prefill and
+    steps run block by block, one compiled function for every block: generate gives eager
+    decoding's tokens, masks and ends, log-probs to float32 rounding; prompts of another length
+    run the same compiled code (its length is dynamic)."""
     import minirm.generate as G
     import minirm.graphs
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("MINIRM_CPU_STEP", "0")
     monkeypatch.setattr(G, "prefill_applies", lambda model, device, graphs, compile: compile)
-    calls = []
-    compiled = minirm.graphs.compiled_static_prefill
-    monkeypatch.setattr(minirm.graphs, "compiled_static_prefill",
-                        lambda: calls.append(1) or compiled())
+    calls = []  # each compiled block's number of tokens a row
+    compiled = minirm.graphs.compiled_block
+    monkeypatch.setattr(minirm.graphs, "compiled_block",
+                        lambda: lambda *a: calls.append(a[1].shape[1]) or compiled()(*a))
     model = packable(seed=2)
     longer = [[256, 3, 4, 5, 6, 7, 8, 9, 10], [256, 30], [256, 40, 41, 42]]
     for i, prompts in enumerate((PROMPTS, longer)):
@@ -282,7 +283,9 @@ def test_generate_with_a_compiled_prefill_samples_what_eager_decoding_samples(mo
         if i == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
-    assert len(calls) == 2
+    # The prompts padded to 8 and 16 tokens, then 9 steps each, every block compiled.
+    layers = len(model.layers)
+    assert calls == ([8] * layers + [1] * 9 * layers + [16] * layers + [1] * 9 * layers)
 
 
 @CUDA
