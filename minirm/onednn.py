@@ -106,8 +106,9 @@ def applies(x, weight) -> bool:
 
 
 def linear(x, weight):
-    """F.linear(x, weight) (no bias), through oneDNN where that is faster (see above)."""
-    if not (applies(x, weight) and faster_here()):
+    """F.linear(x, weight) (no bias), through oneDNN where that is faster (see above). Under
+    torch.compile, F.linear: the compiler picks the product, and the graph stays whole."""
+    if torch.compiler.is_compiling() or not (applies(x, weight) and faster_here()):
         return F.linear(x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _Linear.apply(x, weight)
