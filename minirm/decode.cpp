@@ -268,10 +268,9 @@ extern "C" int minirm_sample(const float* logits, int64_t rows, int64_t vocab,
 // that the caller can drop them from the batch. u: (max_new, rows), one number a row a step.
 // loop: {the next step to sample, the cache slot, the step to stop before, max_new, the number
 // of stop ids, pad_id, ended rows to stop at}; the first two are advanced. Returns 1, with
-// logits still those of
-// step loop[0] and nothing of it recorded, at a row that cannot be sampled (sample_row) or
-// would feed a token outside the embedding: the caller takes that step its own
-// way. Else 0.
+// logits still those of step loop[0] and nothing of it recorded, at a row that cannot be
+// sampled (sample_row) or would feed a token outside the embedding: the caller takes that step
+// its own way. Else 0.
 extern "C" int minirm_decode_loop(const float* const* weights, const int64_t* dims, float eps,
                                   const float* embedding, const float* inv_freq, float* k_cache,
                                   float* v_cache, uint8_t* mask, int64_t* lengths,

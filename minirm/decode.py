@@ -167,14 +167,13 @@ class Step:
         logits in place and nothing of it recorded. Returns the step to sample next."""
         B, max_new = tokens.shape
         self._check(cache, B)
-        for name, x, dtype, shape in [
-                ("logits", logits, torch.float32, (B, self.dims[-1])),
-                ("tokens", tokens, torch.int64, (B, max_new)),
-                ("logprobs", logprobs, torch.float32, (B, max_new)),
-                ("valid", valid, torch.bool, (B, max_new)), ("done", done, torch.bool, (B,)),
-                ("u", u if temperature > 0 else None, torch.float64, (max_new, B))]:
-            if name == "u" and not temperature > 0:
-                continue
+        buffers = [("logits", logits, torch.float32, (B, self.dims[-1])),
+                   ("tokens", tokens, torch.int64, (B, max_new)),
+                   ("logprobs", logprobs, torch.float32, (B, max_new)),
+                   ("valid", valid, torch.bool, (B, max_new)), ("done", done, torch.bool, (B,))]
+        if temperature > 0:  # (unread at temperature 0)
+            buffers.append(("u", u, torch.float64, (max_new, B)))
+        for name, x, dtype, shape in buffers:
             if (x is None or x.dtype != dtype or x.shape != shape or not x.is_contiguous()
                     or x.device.type != "cpu"):
                 raise ValueError(f"Step.loop: {name} must be a contiguous {tuple(shape)} "

@@ -201,8 +201,7 @@ class Reinforce:
         self.policy.eval()
         ids = [self.tok.encode_chat(p, add_generation_prompt=True).ids for p in prompts]
         ids = [x for x in ids for _ in range(k)]           # the k samples of a prompt adjacent
-        from minirm.generate import generate
-        from minirm.generate import release
+        from minirm.generate import generate, release
         try:
             gen = generate(self.policy, ids, s.max_new_tokens, s.temperature,
                            stop_ids=self.stop_ids, pad_id=self.tok.pad_id,

@@ -357,8 +357,7 @@ def sample_report(model, tok, prompts, temperature=0.0, max_new_tokens=64, seed=
     """(mean ToySteer true score, fraction ended, [(prompt, response, score)]) of responses
     to user messages `prompts`, greedy (temperature 0) or sampled."""
     from minirm import toysteer
-    from minirm.generate import generate
-    from minirm.generate import release
+    from minirm.generate import generate, release
     from minirm.tokenizer import chat_prompt
 
     model.eval()
