@@ -396,9 +396,9 @@ def main(argv=None):
     stop_ids = set(cfg.eos_ids) | set(tok.stop_ids)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     if args.compile and env_rank() == 0:
-        print("generate: --compile: the decoding step compiles before the first token "
-              "(20-130 s)" + (" unless it runs in one call to C++" if device == "cpu" else ""),
-              file=sys.stderr)
+        print("generate: --compile: the decoding step compiles before the first token"
+              + (" (20-130 s) unless it runs in one call to C++" if device == "cpu"
+                 else ", block by block"), file=sys.stderr)
     result = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k,
                       args.top_p, stop_ids=stop_ids, pad_id=tok.pad_id, generator=gen,
                       progress=sys.stderr.isatty(), cuda_graphs=not args.no_cuda_graphs,
