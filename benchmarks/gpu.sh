@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU is visible')"
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "benchmarks/gpu.sh: no CUDA GPU is visible; run it on a machine with one" >&2
+    exit 2
+fi
 out=${OUT:-benchmarks}
 # "NVIDIA H200" -> gpu-h200, "NVIDIA H100 80GB HBM3" -> gpu-h100-80gb-hbm3
 name=gpu-$(python -c "import torch; print('-'.join(torch.cuda.get_device_name().lower().split()[1:]))")
