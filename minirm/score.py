@@ -12,10 +12,10 @@ Where the reward comes from (`--reward`):
 - `token0`: a plain causal LM read as the released Nemotron reward model is, the logit of token
   id 0 at the last token (METHOD.md 9; `minirm.released`).
 
-Every conversation goes through the tokenizer's chat format once (`data.encode_pairs`). One longer
-than `--max-length` (default: the model's context) has its prompt cut from the left, and the
-count of cut rows is printed; a pair whose response alone does not fit is scored on the end of
-its response (`encode_all`), counted, never dropped. A response on the command line is scored as
+Every conversation goes through the tokenizer's chat format once (`encode_all`, by the rules
+of `data.encode_pairs`). One longer than `--max-length` (default: the model's context) has its
+prompt cut from the left; a pair whose response alone does not fit is scored on the end of its
+response, never dropped; one line says how many of each. A response on the command line is scored as
 the chosen side of a pair with itself, so it is tokenized and cut by the same code as a file.
 """
 
@@ -30,7 +30,7 @@ import torch
 
 from minirm.checkpoint import ordinary_permissions
 from minirm.cliargs import opt
-from minirm.data import FORMATS, Encoded, Pair, encode_pairs
+from minirm.data import FORMATS, Encoded, Pair, _check_encoding, _encode
 from minirm.errors import UserError, cli, write_failure
 from minirm.scoring import ATTRIBUTE_WEIGHTS, reduce_outputs, score_pairs, score_sequences
 
@@ -198,35 +198,34 @@ def stored_dtype(folder):
 def encode_all(pairs, tokenizer, max_length, report=print):
     """Tokenize every pair to at most `max_length` tokens: none is dropped.
 
-    `data.encode_pairs` (prompt cut from the left) encodes the pairs and prints how many were
-    cut. A pair it drops, because a response alone is longer than max_length, is kept here by
-    the same rule taken one step further: BOS plus the last max_length - 1 tokens, so the
-    response loses its beginning but keeps its end, where the reward is read. Returns the
-    encoded pairs, in the order of `pairs`.
+    As `data.encode_pairs` with the prompt cut from the left, one step further: a pair whose
+    response alone is longer than max_length, which `encode_pairs` drops, is kept here as BOS
+    plus its last max_length - 1 tokens, so the response loses its beginning but keeps its end,
+    where the reward is read. Reports the counts in one line; returns the encoded pairs, in the
+    order of `pairs`.
     """
     if not pairs:
         return []
-    try:
-        encoded = encode_pairs(pairs, tokenizer, max_length, truncate="prompt-left",
-                               report=report)
-    except UserError:  # it refuses a list whose every pair is too long; we keep them all
-        encoded = []
-    if len(encoded) == len(pairs):
-        return encoded
-    # Some were dropped: find which, pair by pair (encode_pairs keeps or drops a pair whole).
-    encoded, n_cut = [], 0
+    _check_encoding(max_length, "prompt-left")
+    encoded, prompt_cut, end_kept = [], 0, 0
     for pair in pairs:
-        try:
-            encoded += encode_pairs([pair], tokenizer, max_length, truncate="prompt-left",
-                                    report=lambda *_: None)
-        except UserError:
+        sides = [_encode(tokenizer, pair.prompt, response, max_length, "prompt-left")
+                 for response in (pair.chosen, pair.rejected)]
+        if all(enc is not None for enc, _ in sides):
+            prompt_cut += any(cut for _, cut in sides)
+            encoded.append((sides[0][0], sides[1][0], pair.strength))
+        else:  # kept or cut as a pair, as encode_pairs does
+            end_kept += 1
             encoded.append((keep_end(tokenizer, pair.prompt, pair.chosen, max_length),
                             keep_end(tokenizer, pair.prompt, pair.rejected, max_length),
                             pair.strength))
-            n_cut += 1
-    report(f"scored {n_cut} pairs whose response alone is longer than max_length {max_length} "
-           f"on their last {max_length - 1} tokens after BOS (the response's beginning is cut "
-           "too); raise --max-length to score them whole")
+    line = (f"encoded {len(pairs)} pairs at max_length {max_length}: kept "
+            f"{len(pairs) - end_kept} ({prompt_cut} with the prompt cut from the left)")
+    if end_kept:
+        line += (f"; {end_kept} more, whose response alone is longer, are scored on their last "
+                 f"{max_length - 1} tokens after BOS (the response's beginning cut too): raise "
+                 f"--max-length to score them whole")
+    report(line)
     return encoded
 
 

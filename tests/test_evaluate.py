@@ -117,7 +117,8 @@ def test_evaluate_reports_cut_rows(rm, tiny, tmp_path, capsys):
     data = run_json(tmp_path, ["--model", str(rm), "--data", str(tiny), "--max-length", "12"])
     assert data["pairs"] == 5
     out = capsys.readouterr().out
-    assert re.search(r"scored \d+ pairs whose response alone is longer than max_length 12", out)
+    assert re.search(r"kept \d \(\d with the prompt cut from the left\); \d more, whose response "
+                     r"alone is longer, are scored on their last 11 tokens", out), out
 
 
 def test_evaluate_plain_preference_file(rm, tmp_path):
