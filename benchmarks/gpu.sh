@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: the tests that run only there, then the bench's GPU cases,
-# written as benchmarks/gpu-<model>.txt and .json (under $OUT instead when it is set).
+# written as benchmarks/gpu-<model>.txt and .json (under $OUT instead when it is set), then
+# benchmarks/profile_decode.py's split of the decoding call (gpu-<model>-decode-profile.txt).
 #     bash benchmarks/gpu.sh                      # every GPU case
 #     CASES=gpu-decode bash benchmarks/gpu.sh     # one of them
 set -euo pipefail
@@ -20,4 +21,7 @@ python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_graphs.py \
 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_reliability.py -k cuda || tests=$?
 python -m minirm.bench --device cuda ${CASES:+--cases "$CASES"} --json "$out/$name.json" \
     | tee "$out/$name.txt"
+if [[ -z "${CASES:-}" || "$CASES" == *gpu-decode* ]]; then  # where the decoding call's time goes
+    python benchmarks/profile_decode.py | tee "$out/$name-decode-profile.txt" || tests=$?
+fi
 exit $tests

@@ -3,6 +3,8 @@ noisy, so speed lives in `python -m minirm.bench`, never in pass/fail tests."""
 
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +115,29 @@ def test_gpu_cases_on_cuda():
     result = gpu_cases("cuda")
     assert result["machine"]["gpu"]
     assert all(c["minirm"] > 0 and c["fraction_of_limit"] > 0 for c in result["cases"])
+
+
+def test_decode_profile_splits_a_call_by_kind_of_kernel(capsys):
+    """benchmarks/profile_decode.py (run on a GPU by benchmarks/gpu.sh), here on the CPU at the
+    debug shape, eager: torch's operators stand in for the kernels."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
+    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    profile.main(["--preset", "debug", "--device", "cpu", "--new-tokens", "4", "--prompt", "4",
+                  "--eager"])
+    out = capsys.readouterr().out
+    assert re.search(r"debug, 4 tokens after 4: [\d.]+ ms a call .* tokens/s", out), out
+    busy = float(re.search(r"device busy +([\d.]+) ms", out).group(1))
+    kinds = dict((k.strip(), float(ms)) for k, ms in
+                 re.findall(r"^  (\w[\w ()]*?) +([\d.]+) ms +[\d.]+ ms a token$", out, re.M))
+    assert kinds["products"] > 0 and kinds["attention"] > 0, out
+    assert sum(kinds.values()) == pytest.approx(busy, abs=0.1 * len(kinds)), out
+    assert profile.kind("std::enable_if<...>gemvx_kernel<...>") == "products"
+    assert profile.kind("triton_per_fused_add_mul_rsqrt_0") == "compiled (triton)"
+    assert profile.kind("flash_fwd_splitkv_kernel") == "attention"
 
 
 @pytest.mark.parametrize("argv,match", [
