@@ -499,7 +499,7 @@ def _check_encoding(max_length, truncate):
     _choice("truncate", truncate, TRUNCATIONS + (None,))
 
 
-def _report_encoding(report, what, n, kept, cut, max_length, truncate):
+def _report_encoding(report, what, n, kept, cut, max_length, truncate, truncatable=True):
     line = f"encoded {n} {what} at max_length {max_length}: kept {kept}"
     if truncate:
         line += (f" ({cut} with the prompt cut from the left), dropped {n - kept} whose "
@@ -508,14 +508,15 @@ def _report_encoding(report, what, n, kept, cut, max_length, truncate):
         line += f", dropped {n - kept} longer than that"
     report(line)
     if n and not kept:
-        fix = "" if truncate else " or pass --truncate prompt-left"
+        fix = "" if truncate or not truncatable else " or pass --truncate prompt-left"
         raise UserError(f"all {n} {what} are longer than max_length {max_length}; "
                         f"raise --max-length{fix}")
 
 
-def encode_rated(rows, tokenizer, max_length, truncate=None,
-                 report=print) -> tuple[list[Encoded], list[list[float]]]:
-    """Tokenize ratings rows; returns the kept sequences and their labels."""
+def encode_rated(rows, tokenizer, max_length, truncate=None, report=print,
+                 truncatable=True) -> tuple[list[Encoded], list[list[float]]]:
+    """Tokenize ratings rows; returns the kept sequences and their labels. `truncatable`:
+    whether the command offers --truncate, which an error then suggests."""
     _check_encoding(max_length, truncate)
     seqs, labels, cut = [], [], 0
     for row in rows:
@@ -524,7 +525,8 @@ def encode_rated(rows, tokenizer, max_length, truncate=None,
             seqs.append(enc)
             labels.append(list(row.labels))
             cut += was_cut
-    _report_encoding(report, "rows", len(rows), len(seqs), cut, max_length, truncate)
+    _report_encoding(report, "rows", len(rows), len(seqs), cut, max_length, truncate,
+                     truncatable)
     return seqs, labels
 
 

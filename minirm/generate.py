@@ -331,13 +331,20 @@ def build_parser():
     p.add_argument("--prompt", required=True, help="sent as a user message via the chat format")
     p.add_argument("--raw", action="store_true", help="send --prompt as it is, no chat format")
     p.add_argument("--system", default=None, help="system message (chat format only)")
-    p.add_argument("--chat-format", default=None, choices=["llama3", "chatml", "toy"])
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--chat-format", default=None, choices=["llama3", "chatml", "toy"],
+                   help="the model's chat format (default: tokenizer_config.json's)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="stop after this many tokens if no end of turn came (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely tokens whose probabilities add up to p "
+                        "(nucleus sampling; default 1: all)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampler: the same seed gives the same answer (default 0)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree (run under torchrun --nproc-per-node TP)")
@@ -374,11 +381,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_sampling_args(args)
     from minirm.distributed import env_rank
-    from minirm.score import tp_grid
+    from minirm.score import resolve_device, tp_grid
 
+    device = resolve_device(args.device)
     grid = tp_grid(args.tp)  # every tp rank samples the same tokens from the same seed
-    device = str(grid.device) if grid else (
-        args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = str(grid.device) if grid else device
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     tok = load_tokenizer(args.model, chat_format=args.chat_format)
     model, cfg = load_model(args.model, dtype=dtype, device=device, grid=grid)

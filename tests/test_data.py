@@ -271,6 +271,11 @@ def test_encode_rated():
     assert seqs == [Encoded(TOK.encode_chat(USER_Q + [{"role": "assistant", "content": "abc"}])
                             .ids, 20)]  # bos, "User: q\n", "Assistant: "
     assert labels == [[1, 2, 3, 4, 0]] and "dropped 1" in lines[0]
+    # Every row too long: the fix offered is the command's own (sft has no --truncate).
+    with pytest.raises(UserError, match=r"raise --max-length or pass --truncate prompt-left$"):
+        encode_rated(rows[1:], TOK, 30, report=lines.append)
+    with pytest.raises(UserError, match=r"longer than max_length 30; raise --max-length$"):
+        encode_rated(rows[1:], TOK, 30, report=lines.append, truncatable=False)
 
 
 def test_collate():
