@@ -375,7 +375,10 @@ def replace_dir(tmp: Path, out: Path):
     The old folder steps aside as `.NAME.old` first: a process killed between the two renames
     leaves no `out`, and `recover_dir` puts the old one back. After them the old folder is
     renamed to a temporary name before it is removed, so `.NAME.old` is never half deleted.
+    A file (not a folder) at `out` is refused before anything moves: it is never replaced.
     """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; choose another --out")
     recover_dir(out)
     old = _old_name(out)
     if old.exists():  # out is whole: an earlier replace was killed after its swap

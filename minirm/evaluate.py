@@ -28,6 +28,7 @@ from minirm.cliargs import opt
 from minirm.data import FORMATS
 from minirm.errors import UserError, cli
 from minirm.rewardbench import format_table, is_correct, score_table
+from minirm.runs import check_not_input
 from minirm.score import ReadSettings, load_reader, write_atomic
 
 
@@ -82,6 +83,7 @@ def main(argv=None):
     if s.model is None or s.data is None:
         raise UserError("--model and --data are required: python -m minirm.evaluate "
                         "--model DIR --data FILE")
+    check_not_input(s.json, "--json", {"--data": s.data})  # the results must not replace it
     from minirm.distributed import env_rank
     if env_rank() != 0:  # under torchrun --tp, rank 0 alone prints and writes
         sys.stdout, s.json = open(os.devnull, "w"), None

@@ -15,6 +15,9 @@ so α = β − 1 (β = 1.52 would be α = 0.52). That is why the factor is swept
 
     python -m minirm.expo --weak A --strong B --alpha 1.52 --out C
     python -m minirm.expo --weak A --strong B --alphas 0.5,1,1.52,2 --val VAL --out C
+
+An existing non-empty --out folder is replaced only with --force, and never when it is (or holds)
+one of the inputs.
 """
 
 import copy
@@ -29,6 +32,7 @@ from minirm.cliargs import opt
 from minirm.data import FORMATS
 from minirm.errors import UserError, cli
 from minirm.rewardbench import is_correct
+from minirm.runs import check_out_folder
 from minirm.score import (RewardSettings, encode_all, resolve_device, resolve_max_length,
                           reward_reading, stored_dtype)
 from minirm.scoring import score_pairs
@@ -125,6 +129,7 @@ class ExpoSettings(RewardSettings):
     format: str = opt(None, "format of --val, unset: detected from the fields", choices=FORMATS)
     split: str = opt(None, "split of a HelpSteer2-Preference --val file, unset: val",
                      choices=("train", "val"))
+    force: bool = opt(False, "replace an existing --out folder")
 
 
 def parse_alphas(text):
@@ -162,6 +167,8 @@ def main(argv=None):
     alphas = parse_alphas(s.alphas) if s.alphas is not None else None
     if s.alpha is not None:
         check_alpha(s.alpha)
+    # Before two models are loaded: never over a file, an input or (without --force) a model.
+    check_out_folder(s.out, {"--weak": s.weak, "--strong": s.strong, "--val": s.val}, s.force)
     print("expo: " + json.dumps({k: v for k, v in asdict(s).items() if v is not None}))
     # Read the validation pairs first: a bad file fails before two models are loaded.
     pairs = load_pairs(s.val, format=s.format, split=s.split or "val") if alphas else None

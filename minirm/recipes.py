@@ -103,9 +103,9 @@ def helpsteer2_preference(s, out: Path, grid, report):
 
     data = ensure_data(s, out, s.seed, report)
     stage1 = train_stage(s, "helpfulness", out / "1-helpfulness", data, s.init_from, grid,
-                         name="1-helpfulness", report=report)
+                         name="1-helpfulness", report=report, run_out=out)
     stage2 = train_stage(s, "scaled-bt", out / "2-scaled-bt", data, stage1.out / "model", grid,
-                         name="2-scaled-bt", report=report)
+                         name="2-scaled-bt", report=report, run_out=out)
     alpha, acc, final = expo_stage(s, stage1, stage2, out / "3-expo", grid, report,
                                    model_dir=out / "model")
     stages = {"helpfulness": {"val_accuracy": stage1.val_accuracy},
@@ -149,7 +149,7 @@ def paper_table(s, out: Path, grid, report):
             else:
                 init_from = trained[init].out / "model" if init else None
                 stage = train_stage(ss, objective, run / key, data, init_from, grid,
-                                    name=f"seed{seed}/{key}", report=report)
+                                    name=f"seed{seed}/{key}", report=report, run_out=out)
                 trained[key] = stage
                 acc, folder = stage.val_accuracy, stage.out / "model"
             results[label].append(acc)

@@ -34,13 +34,13 @@ Choices of ours where METHOD.md is silent:
 
 Measured, the toy run (weights/toy-sft-policy and weights/toy-reward-model, 25 steps of 32
 prompts x 4 samples, lr 5e-5, one CPU thread, 37 s), means of the first and the last 5
-steps: reward 1.86 -> 4.28, ToySteer task score of the samples 0.34 -> 0.41, KL 0.06 -> 0.60,
-response length 15.8 -> 8.9 tokens (padding dropped), 99-100% ending. On 200 held-out prompts
-the sampled task score goes 0.33 -> 0.42, the greedy one 0.47 -> 0.49.
+steps: reward 1.86 -> 4.44, ToySteer task score of the samples 0.34 -> 0.42, KL 0.06 -> 0.59,
+response length 15.8 -> 8.3 tokens (padding dropped), 99-100% ending. On 200 held-out prompts
+the sampled task score goes 0.33 -> 0.41, the greedy one 0.47 -> 0.49.
 """
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ from minirm.cliargs import describe, opt, parse, positive, save_settings
 from minirm.config import PRESETS, from_hf
 from minirm.errors import UserError, cli
 from minirm.sft import response_mask, shared_prompt_logprobs, tiny_model_threads
+from minirm.runs import check_out, check_resumed_settings, held_run, resume_hint
 from minirm.trainer import OptimSettings, Trainer
 
 KL_ESTIMATORS = ("abs", "k1", "k3")
@@ -65,6 +66,10 @@ KL_ESTIMATORS = ("abs", "k1", "k3")
 PAPER = dict(prompts_per_step=32, max_new_tokens=2048, lr=1e-6, steps=100)
 TOY = dict(prompts_per_step=32, max_new_tokens=64, lr=5e-5, steps=25)
 TOY_POLICY, TOY_REWARD_MODEL = Path("weights/toy-sft-policy"), Path("weights/toy-reward-model")
+# Settings a --resume may change (how often to save, where and how it runs); the others, as
+# resolved, must be those of the run's config.json.
+RESUME_MAY_DIFFER = ("out", "resume", "force", "save_every", "device", "dtype", "tp",
+                     "micro_batch_size", "hparams")
 
 
 @dataclass
@@ -99,6 +104,8 @@ class ReinforceSettings:
     seed: int = opt(0, "seed for sampling and prompt order")
     save_every: int = opt(20, "checkpoint every N steps (and on Ctrl-C)")
     resume: bool = opt(False, "continue from OUT/checkpoint, exactly")
+    force: bool = opt(False, "replace what --out holds (an earlier finished or interrupted "
+                      "run, deleted when this run starts)")
     dtype: str = opt(None, "float32 (CPU default) or bfloat16 (GPU default)",
                      choices=("float32", "bfloat16"))
     device: str = opt(None, "cpu or cuda (default: cuda when available)")
@@ -329,11 +336,14 @@ def toy_models(s, out: Path, report):
     """The toy pipeline's policy and reward model: weights/..., or trained now, reduced."""
     def sft(folder):
         from minirm.sft import SFTSettings, run_sft
-        run_sft(SFTSettings(toy_prompts=1500), folder, report=report)
+        # one interrupted before (Ctrl-C) is continued
+        run_sft(SFTSettings(toy_prompts=1500, resume=(folder / "checkpoint").exists()), folder,
+                report=report)
 
     def reward_model(folder):
         from minirm.train import main as train
-        train(["--out", str(folder), "--toy-prompts", "3000"])
+        resume = ["--resume"] if held_run(folder, depth=2) else []  # one interrupted before
+        train(["--out", str(folder), "--toy-prompts", "3000", *resume])
 
     return (_shipped_or_trained(s.policy, TOY_POLICY, out / "sft-policy", sft,
                                 "the toy SFT policy (1,500 ToySteer prompts)", report),
@@ -425,6 +435,8 @@ def run(s: ReinforceSettings, out: Path, grid=None, report=print):
                         "config.json); REINFORCE needs responses that end (METHOD.md 7.4)")
     s = resolve(replace(s, policy=policy_spec, reward_model=rm_spec), cfg)
     check(s)
+    if s.resume:  # before the models are loaded, or anything written
+        check_resumed_settings(out, asdict(s), ignore=RESUME_MAY_DIFFER)
     device = s.device or device_for(grid)
     dtype = s.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     tp_grid = grid if grid is not None and grid.tp_size > 1 else None
@@ -449,7 +461,7 @@ def run(s: ReinforceSettings, out: Path, grid=None, report=print):
     settings = OptimSettings(lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98),
                              warmup_steps=0, schedule="constant", clip=s.clip)  # METHOD.md 7
     trainer = Trainer(policy, settings, out, s.steps * s.optimizer_steps, tokenizer=tok,
-                      grid=grid, desc="reinforce")
+                      grid=grid, desc="reinforce", resume_hint=resume_hint(out))
     if s.resume and trainer.checkpoint_dir.exists():
         extra = trainer.load_checkpoint()
         rl.generator.set_state(extra["generator"])
@@ -498,6 +510,10 @@ def main(argv=None):
 
     s = parse(ReinforceSettings, argv, "python -m minirm.reinforce", __doc__.split("\n\n")[0])
     check(s)
+    if s.device is not None:
+        from minirm.score import resolve_device
+
+        resolve_device(s.device)  # before the toy pipeline trains its stand-ins
     tiny_model_threads(s.policy or "toy", s.device)  # no --policy: the toy pipeline
     grid = distributed.init(tp=s.tp)
     try:
@@ -507,6 +523,8 @@ def main(argv=None):
         if s.out is None and grid.world > 1:
             raise UserError("pass --out under torchrun, so every rank writes the same run")
         out = Path(s.out or f"runs/reinforce-{time.strftime('%Y%m%d-%H%M%S')}")
+        check_out(s.out, out, s.resume, s.force, inputs=(s.policy, s.reward_model, s.prompts))
+        distributed.barrier()  # --force: rank 0 has cleared --out before any rank goes on
         policy, reference, tok, s = run(s, out, grid if grid.world > 1 else None,
                                         distributed.print0)
         if s.prompts is None and grid.world == 1:  # ToySteer: greedy answers, before and after

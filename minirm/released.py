@@ -20,7 +20,10 @@ What the export simplifies, on purpose:
 - A multi-output head is folded into one row: the chosen output (`reward_index`), or with
   `weights` the weighted sum Σ w_i W_i (the reward is linear in the head, so this is exact).
 
-    python -m minirm.released --model RM_DIR --out DIR
+    python -m minirm.released --model RM_DIR --out DIR [--force]
+
+An existing non-empty --out folder is replaced only with --force, and never the --model folder
+(or one holding it).
 """
 
 from dataclasses import dataclass, replace
@@ -106,11 +109,13 @@ class ReleasedSettings:
                        choices=tuple(ATTRIBUTE_WEIGHTS))
     dtype: str = opt(None, "dtype of the export, unset: the reward model's",
                      choices=("float32", "bfloat16", "float16"))
+    force: bool = opt(False, "replace an existing --out folder")
 
 
 @cli
 def main(argv=None):
     from minirm.checkpoint import load_model, load_tokenizer, save_model
+    from minirm.runs import check_out_folder
     from minirm.score import reward_reading, stored_dtype
 
     s = parse(ReleasedSettings, argv, "python -m minirm.released",
@@ -118,6 +123,7 @@ def main(argv=None):
     if s.model is None or s.out is None:
         raise UserError("--model and --out are required: python -m minirm.released "
                         "--model RM_DIR --out DIR")
+    check_out_folder(s.out, {"--model": s.model}, s.force)  # before the model is loaded
     model, cfg = load_model(s.model, dtype=s.dtype or stored_dtype(s.model))
     if not cfg.n_outputs:
         raise UserError(f"{s.model}: no reward head to export (config.json has no "

@@ -32,6 +32,7 @@ from minirm.checkpoint import ordinary_permissions
 from minirm.cliargs import opt
 from minirm.data import FORMATS, Encoded, Pair, _check_encoding, _encode
 from minirm.errors import UserError, cli, write_failure
+from minirm.runs import check_not_input
 from minirm.scoring import ATTRIBUTE_WEIGHTS, reduce_outputs, score_pairs, score_sequences
 
 REWARD_SOURCES = ("head", "token0")
@@ -169,11 +170,23 @@ def tp_grid(tp):
 
 
 def resolve_device(device, gpu_default=True):
-    """--device, by default cuda when a GPU is visible (and `gpu_default`), else cpu."""
+    """--device, by default cuda when a GPU is visible (and `gpu_default`), else cpu. One the
+    commands cannot use (a misspelling, another kind of accelerator, a GPU not visible here) is
+    a user error."""
     if device is None:
         return "cuda" if gpu_default and torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except RuntimeError:
+        kind, index = None, None
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: not a device minirm runs on; pass cpu, cuda or "
+                        "cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no GPU is visible to torch; pass --device cpu")
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s) "
+                        f"here, numbered from 0")
     return device
 
 
@@ -311,6 +324,7 @@ def main(argv=None):
                         "one reward per response)")
     if s.data is not None and responses:
         raise UserError("--response goes with --prompt, not with --data")
+    check_not_input(s.out, "--out", {"--data": s.data})  # before the data is read
     for i, r in enumerate(responses):  # as a data file's empty response is refused
         if not r.strip():
             raise UserError(f"--response number {i + 1} is empty; give the response's text")

@@ -31,7 +31,7 @@ conversations longer than --max-length are dropped, never cut.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from minirm import data as D
 from minirm.checkpoint import load_model, load_tokenizer, save_model_parallel
 from minirm.cliargs import describe, opt, parse, positive, save_settings
 from minirm.errors import UserError, cli
+from minirm.runs import check_out, check_resumed_settings, resume_hint
 from minirm.trainer import OptimSettings, Trainer
 
 TOY_PRESETS = ("debug", "toy")
@@ -48,6 +49,10 @@ TOY_PRESETS = ("debug", "toy")
 # on 2 CPU cores. Fine-tuning a pretrained checkpoint takes the usual small steps.
 TOY_HPARAMS = dict(epochs=2.0, batch_size=32, lr=2e-3)
 FINETUNE_HPARAMS = dict(epochs=1.0, batch_size=32, lr=1e-5)
+# Settings a --resume may change (how often to validate and save, where and how it runs); the
+# others must be those of the run's config.json (epochs, batch size and lr compared resolved).
+RESUME_MAY_DIFFER = ("out", "resume", "force", "eval_every", "save_every", "device", "dtype",
+                     "attention", "tp", "micro_batch_size", "hparams")
 
 
 @dataclass
@@ -76,6 +81,8 @@ class SFTSettings:
     eval_every: int = opt(100, "validation loss every N steps (and at the end)")
     save_every: int = opt(200, "checkpoint every N steps (and on Ctrl-C)")
     resume: bool = opt(False, "continue from OUT/checkpoint")
+    force: bool = opt(False, "replace what --out holds (an earlier finished or interrupted "
+                      "run, deleted when this run starts)")
     dtype: str = opt(None, "float32 (CPU default) or bfloat16 (GPU default)",
                      choices=("float32", "bfloat16"))
     device: str = opt(None, "cpu or cuda (default: cuda when available)")
@@ -250,7 +257,7 @@ def encode_chats(chats, tokenizer, max_length, report=print, what="conversations
     """Tokenize through the chat format (`data.encode_rated`: one BOS, the response start)."""
     rows = [D.Rated(prompt, response, []) for prompt, response in chats]
     enc, _ = D.encode_rated(rows, tokenizer, max_length, report=lambda line: report(
-        line.replace(" rows ", f" {what} ")))
+        line.replace(" rows ", f" {what} ")), truncatable=False)  # sft has no --truncate
     return enc
 
 
@@ -273,6 +280,8 @@ def run_sft(s: SFTSettings, out: Path, grid=None, report=print):
     from minirm.train import make_plan
 
     hp = hparams(s)
+    if s.resume:  # before anything is loaded or written
+        check_resumed_settings(out, asdict(s), ignore=RESUME_MAY_DIFFER, resolved=hp)
     positive("batch_size", hp["batch_size"])
     positive("micro_batch_size", s.micro_batch_size)
     positive("lr", hp["lr"], allow_zero=True)
@@ -312,7 +321,8 @@ def run_sft(s: SFTSettings, out: Path, grid=None, report=print):
     if is_main:
         save_settings(s, out, extra={"resolved": {**hp, "max_length": max_len, "dtype": dtype,
                                                   "steps": len(plan), "micro_batch_size": micro}})
-    trainer = Trainer(model, settings, out, len(plan), tokenizer=tok, grid=grid, desc="sft")
+    trainer = Trainer(model, settings, out, len(plan), tokenizer=tok, grid=grid, desc="sft",
+                      resume_hint=resume_hint(out))
     if s.resume and trainer.checkpoint_dir.exists():
         trainer.load_checkpoint()
         report(f"[sft] resumed at step {trainer.step} of {len(plan)}")
@@ -385,12 +395,19 @@ def main(argv=None):
     from minirm import distributed
 
     s = parse(SFTSettings, argv, "python -m minirm.sft", __doc__.split("\n\n")[0])
+    if s.device is not None:
+        from minirm.score import resolve_device
+
+        resolve_device(s.device)  # a misspelt device, or a GPU where none is visible
     tiny_model_threads(s.model, s.device)
     grid = distributed.init(tp=s.tp)
     try:
         if s.out is None and grid.world > 1:
             raise UserError("pass --out under torchrun, so every rank writes the same run")
         out = Path(s.out or f"runs/sft-{time.strftime('%Y%m%d-%H%M%S')}")
+        check_out(s.out, out, s.resume, s.force,
+                  inputs=(s.data, s.val, s.model))
+        distributed.barrier()  # --force: rank 0 has cleared --out before any rank goes on
         report = distributed.print0
         report(f"settings:\n{describe(s)}")
         model, tok = run_sft(s, out, grid if grid.world > 1 else None, report)

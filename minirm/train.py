@@ -10,6 +10,8 @@ Objectives (METHOD.md section 3): `regression` (5 attributes, SteerLM), `helpful
 from a trained reward model, head included; with a 5-output head the BT reward is the
 helpfulness output (METHOD.md section 4). A stage writes OUT/model (Hugging Face layout),
 OUT/config.json (resolved settings), OUT/metrics.jsonl and OUT/checkpoint (for --resume).
+An --out that holds a run, finished or interrupted, is refused unless --resume continues it
+(with the settings of its config.json) or --force replaces it.
 
 `--data` is a folder in the HelpSteer2 layout (train.jsonl.gz, validation.jsonl.gz,
 preference/preference.jsonl.gz) or a single file: ratings for the regression objectives, any
@@ -23,7 +25,7 @@ overrides them.
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ from minirm.cliargs import describe, opt, parse, positive, save_settings
 from minirm.config import PRESETS, from_hf
 from minirm.errors import UserError, cli
 from minirm.scoring import score_pairs
+from minirm.runs import check_out, check_resumed_settings, resume_hint
 from minirm.trainer import OptimSettings, Trainer
 
 RECIPES = ("helpsteer2-preference", "paper-table")
@@ -52,6 +55,12 @@ PAPER_HPARAMS = {"rating": dict(epochs=2.0, batch_size=128, lr=2e-6, schedule="c
 TOY_HPARAMS = {"rating": dict(epochs=1.0, batch_size=32, lr=1e-3, schedule="cosine"),
                "pair": dict(epochs=1.0, batch_size=16, lr=1e-3, schedule="cosine")}
 TOY_PRESETS = ("debug", "toy")
+# Settings that may change between a run and its --resume: how often to validate and save,
+# where and how it runs (the numbers are those of the run). The others shape the run and must
+# be the ones its config.json holds; epochs, batch size, lr and schedule are compared resolved.
+RESUME_MAY_DIFFER = ("out", "resume", "force", "eval_every", "save_every", "device", "dtype",
+                     "attention", "activation_checkpointing", "compile", "skip_nonfinite", "tp",
+                     "dp", "micro_batch_size", "hparams", "seeds", "rewardbench", "expo_alphas")
 
 
 @dataclass
@@ -91,6 +100,8 @@ class TrainSettings:
     eval_every: int = opt(50, "validate every N steps (and at the end)")
     save_every: int = opt(100, "checkpoint every N steps (and on Ctrl-C)")
     resume: bool = opt(False, "continue from OUT/checkpoint (completed stages are kept)")
+    force: bool = opt(False, "replace what --out holds (an earlier finished or interrupted "
+                      "run, deleted when this run starts)")
     dtype: str = opt(None, "float32 (CPU default) or bfloat16 (GPU default)",
                      choices=("float32", "bfloat16"))
     device: str = opt(None, "cpu or cuda (default: cuda when available)")
@@ -163,7 +174,10 @@ def load_stage_data(s: TrainSettings, objective, data, report):
     elif pair_kind(objective) == "rating":
         train = D.load_ratings(path)
     else:
-        train = D.load_pairs(path, format=s.format, split="train", report=report)
+        # The train split of a HelpSteer2-Preference file; any other file is read whole.
+        hs2 = (s.format or D._detect_format(path)) == "helpsteer2-preference"
+        train = D.load_pairs(path, format=s.format, split="train" if hs2 else None,
+                             report=report)
     if s.val is not None:
         val_pairs = D.load_pairs(s.val, format=s.format, report=report)
     return train, val_pairs
@@ -184,8 +198,14 @@ def resolve_model(s: TrainSettings, objective, init_from):
 
 
 def train_stage(s: TrainSettings, objective, out: Path, data, init_from=None, grid=None,
-                name=None, report=print) -> StageResult:
+                name=None, report=print, run_out=None) -> StageResult:
+    """One stage into `out`; `run_out`: the folder given as --out (a recipe's run folder, of
+    which `out` is a stage), named in the Ctrl-C message as the one to --resume."""
     name = name or objective
+    if s.resume:  # before anything is loaded or written
+        check_resumed_settings(out, asdict(replace(s, objective=objective,
+                                                   init_from=init_from)),
+                               ignore=RESUME_MAY_DIFFER, resolved=hparams(s, objective))
     from minirm.distributed import device_for
     device = s.device or device_for(grid)
     dtype = s.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -235,7 +255,8 @@ def train_stage(s: TrainSettings, objective, out: Path, data, init_from=None, gr
                       extra={"resolved": {**hp, "max_length": max_len, "steps": len(plan),
                                           "micro_batch_size": micro, "dtype": dtype}})
     trainer = Trainer(model, settings, out, len(plan), tokenizer=tok, grid=grid,
-                      skip_nonfinite=s.skip_nonfinite, desc=name)
+                      skip_nonfinite=s.skip_nonfinite, desc=name,
+                      resume_hint=resume_hint(run_out or out))
     if s.resume and trainer.checkpoint_dir.exists():
         trainer.load_checkpoint()
         report(f"[{name}] resumed at step {trainer.step} of {len(plan)}")
@@ -383,6 +404,10 @@ def main(argv=None):
         out = Path(s.out) if s.out else default_out(s)
         if s.out is None and grid.world > 1:
             raise UserError("pass --out under torchrun, so every rank writes the same run")
+        check_out(s.out, out, s.resume, s.force, depth=2 if s.recipe else 0,
+                  inputs=(s.data, s.val, s.init_from, s.model, s.rewardbench),
+                  resume_finished=True)
+        distributed.barrier()  # --force: rank 0 has cleared --out before any rank goes on
         report = distributed.print0 if grid.world > 1 else print
         report(f"settings:\n{describe(s)}")
         if s.recipe:

@@ -102,8 +102,9 @@ def adamw(model, weight_decay, lr, betas):
 
 class Trainer:
     def __init__(self, model, settings: OptimSettings, out, total_steps, tokenizer=None,
-                 grid=None, skip_nonfinite=False, desc="train"):
+                 grid=None, skip_nonfinite=False, desc="train", resume_hint="--resume"):
         self.model, self.settings, self.total_steps = model, settings, total_steps
+        self.resume_hint = resume_hint  # how to continue, in the Ctrl-C message
         self.out, self.tokenizer, self.grid = Path(out), tokenizer, grid
         self.skip_nonfinite, self.desc = skip_nonfinite, desc
         self.optimizer = adamw(model, settings.weight_decay, settings.lr, settings.betas)
@@ -295,7 +296,7 @@ class Trainer:
                 self.save_checkpoint(extra_state)
                 if self.is_main:
                     tqdm.write(f"stopped at step {self.step}; checkpoint saved to "
-                               f"{self.checkpoint_dir} (continue with --resume)")
+                               f"{self.checkpoint_dir} (continue with {self.resume_hint})")
         finally:
             bar.close()
             signal.signal(signal.SIGINT, previous)

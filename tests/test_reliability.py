@@ -6,18 +6,18 @@ test checks this table against the lists in this file):
 
 | bad input                                          | cases | how                              |
 |----------------------------------------------------|------:|----------------------------------|
-| `python -m minirm.train`                           |    23 | main([...]) + capsys             |
-| `python -m minirm.evaluate`                        |    21 | main([...]) + capsys             |
+| `python -m minirm.train`                           |    24 | main([...]) + capsys             |
+| `python -m minirm.evaluate`                        |    22 | main([...]) + capsys             |
 | `python -m minirm.score`                           |     7 | main([...]) + capsys             |
 | `python -m minirm.expo`                            |     8 | main([...]) + capsys             |
-| `python -m minirm.generate`                        |     5 | main([...]) + capsys             |
+| `python -m minirm.generate`                        |     7 | main([...]) + capsys             |
 | `python -m minirm.convert`                         |     9 | main([...]) + capsys             |
 | `python -m minirm.plan`                            |     7 | main([...]) + capsys             |
 | `python -m minirm.released`                        |     5 | main([...]) + capsys             |
-| `python -m minirm.sft`, `python -m minirm.reinforce` |   4 | main([...]) + capsys             |
+| `python -m minirm.sft`, `python -m minirm.reinforce` |   8 | main([...]) + capsys             |
 | the same in a real process (train)                 |     1 | subprocess: status 2, one line   |
 | crafted corrupt GGUF files and safetensors indexes |     5 | the reader raises UserError      |
-| all hand-written bad-input cases                   |    95 |                                  |
+| all hand-written bad-input cases                   |   103 |                                  |
 | fuzz tests, 40 seeded examples each                |     7 | hypothesis                       |
 
 Every command case checks: exit status 2, exactly one line on stderr, starting with "error: "
@@ -252,6 +252,8 @@ EVAL = "--model {rm} --data {ok}"
 SCORE = "--model {rm} --prompt hi --response a"
 EXPO = "--weak {rm} --strong {rm} --alpha 1 --out {tmp}/x"
 CUDA = pytest.mark.skipif(HAS_CUDA, reason="checks the message for a machine without a GPU")
+NO_GPU = "no GPU is visible"
+NOT_A_DEVICE = "not a device minirm runs on; pass cpu, cuda or cuda:N"
 CLI_CASES = {
     "train": [
         (TRAIN.replace("{toy}", "{trunc}"), "line 1: malformed JSON"),
@@ -265,6 +267,7 @@ CLI_CASES = {
         (TRAIN + " --lr inf", "--lr must be a finite number, got inf"),
         (TRAIN + " --eval-every -1", "--eval-every must be >= 0, got -1"),
         pytest.param(TRAIN + " --device cuda", "--device cuda: no GPU is visible", marks=CUDA),
+        (TRAIN + " --device tpu", "--device tpu: " + NOT_A_DEVICE),
         (TRAIN + " --tp 3", "world size 1 is not divisible by tp=3"),
         (TRAIN + " --max-length 1", "max_length must be an int >= 2, got 1"),
         (TRAIN + " --max-length 100000", "--max-length 100000 exceeds the model's context"),
@@ -291,6 +294,7 @@ CLI_CASES = {
         (EVAL + " --format hh", "field 'chosen' must be a transcript"),
         (EVAL + " --weights steerlm-a", "--weights combines 5 attribute outputs"),
         pytest.param(EVAL + " --device cuda", "--device cuda: no GPU is visible", marks=CUDA),
+        (EVAL + " --device cuda:x", "--device cuda:x: " + NOT_A_DEVICE),
         ("--model {rm} --data {empty_resp}", "line 1: field 'rejected' is empty"),
         ("--model {rm} --data {strength}",
          "line 1: field 'preference_strength' must be an int in -3..3, got 7"),
@@ -326,6 +330,8 @@ CLI_CASES = {
     ],
     "generate": [
         ("--model {lm} --prompt hi --max-new-tokens 0", "--max-new-tokens must be at least 1"),
+        ("--model {lm} --prompt hi --device tpu", "--device tpu: " + NOT_A_DEVICE),
+        pytest.param("--model {lm} --prompt hi --device cuda", NO_GPU, marks=CUDA),
         ("--model {lm} --prompt hi --top-p 2", "--top-p must be in (0, 1], got 2.0"),
         ("--model {lm} --prompt hi --max-new-tokens 1000", "exceeds the model's context of 256"),
         ("--model {tmp}/nope --prompt hi", "neither a model preset"),
@@ -362,10 +368,14 @@ CLI_CASES = {
         ("--model debug --data {chat} --out {tmp}/s",
          "line 1: field 'messages' must end with the assistant's message"),
         ("--model debug --data {ok} --out {tmp}/s --lr nan", "--lr must be a finite number"),
+        ("--model debug --data {ok} --out {tmp}/s --device tpu", "--device tpu: " + NOT_A_DEVICE),
+        pytest.param("--model debug --out {tmp}/s --device cuda", NO_GPU, marks=CUDA),
     ],
     "reinforce": [
         ("--k 1 --out {tmp}/rl", "the leave-one-out baseline (METHOD.md 7.4) needs at least 2"),
         ("--clip inf --out {tmp}/rl", "--clip must be a finite number"),
+        ("--device tpu --out {tmp}/rl", "--device tpu: " + NOT_A_DEVICE),
+        pytest.param("--device cuda --out {tmp}/rl", NO_GPU, marks=CUDA),
     ],
 }
 CASES = [pytest.param(cmd, *(c.values if hasattr(c, "values") else c),
@@ -877,7 +887,8 @@ def test_real_file_size_limit_during_a_command_is_one_line(tmp_path, f):
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
     proc = subprocess.run([sys.executable, "-m", "minirm.expo", "--weak", f["rm"], "--strong",
-                           f["rm"], "--alpha", "0.5", "--out", str(out)], capture_output=True,
+                           f["rm"], "--alpha", "0.5", "--out", str(out), "--force"],
+                          capture_output=True,
                           text=True, env=_env(), preexec_fn=limit, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "could not save the model" in proc.stderr
@@ -1225,3 +1236,117 @@ def test_the_docstring_table_counts_the_cases():
         len(CASES) + len(REAL_PROCESS_CASES) + len(CRAFTED))
     fuzz = [n for n in globals() if n.startswith("test_fuzz_")]
     assert table["fuzz tests, 40 seeded examples each"] == len(fuzz)
+
+
+# ------------------------------------------------------------------------- outputs never lost
+
+def _snapshot(path):
+    """Every file under `path` (or the file itself) -> its bytes: a byte-for-byte check."""
+    path = Path(path)
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def _one_line_status_2(main, argv, capsys, message):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_a_file_as_out_folder_is_refused_and_kept(f, tmp_path, capsys):
+    """released/expo --out FILE: refused up front; the file is not moved aside, no folder is
+    written in its place and no temporary folder is left (checkpoint.replace_dir too)."""
+    from minirm import expo, released
+
+    out = write(tmp_path / "afile.txt", "keep me\n")
+    for main, argv in ((released.main, ["--model", f["rm"]]),
+                       (expo.main, ["--weak", f["rm"], "--strong", f["rm"], "--alpha", "1"])):
+        for force in ([], ["--force"]):
+            _one_line_status_2(main, argv + ["--out", out] + force, capsys,
+                               f"{out} exists and is not a folder; choose another --out")
+            assert out.read_text() == "keep me\n"
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]
+    rm, _ = load_model(f["rm"])
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        save_model(rm, out)  # a library caller is refused before anything moves
+    assert out.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]
+
+
+def test_a_file_as_out_folder_in_a_real_process(f, tmp_path):
+    out = write(tmp_path / "afile.txt", "keep me\n")
+    proc = subprocess.run([sys.executable, "-m", "minirm.released", "--model", f["rm"],
+                           "--out", str(out)], capture_output=True, text=True, env=_env(),
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "afile.txt exists and is not a folder" in proc.stderr
+    assert out.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]
+
+
+@pytest.mark.parametrize("command,flag", [("evaluate", "--json"), ("score", "--out")])
+@pytest.mark.parametrize("how", ["same", "relative", "symlink"])
+def test_results_never_overwrite_the_data_file(command, flag, how, f, tmp_path, capsys,
+                                               monkeypatch):
+    main = importlib.import_module(f"minirm.{command}").main
+    data = Path(shutil.copy(f["ok"], tmp_path / "data.jsonl"))
+    before = data.read_bytes()
+    out = data
+    if how == "relative":
+        monkeypatch.chdir(tmp_path)
+        out = Path("sub", "..", "data.jsonl")
+        (tmp_path / "sub").mkdir()
+    elif how == "symlink":
+        out = tmp_path / "link.jsonl"
+        out.symlink_to(data)
+    _one_line_status_2(main, ["--model", f["rm"], "--data", data, flag, out], capsys,
+                       f"{flag} {out} is the --data file: the results would overwrite it")
+    assert data.read_bytes() == before
+
+
+def test_released_and_expo_never_replace_their_inputs(f, tmp_path, capsys):
+    """An --out that is (or holds) an input is refused, --force or not; the input is intact."""
+    from minirm import expo, released
+
+    run = tmp_path / "run"
+    model = shutil.copytree(f["rm"], run / "model")
+    before = _snapshot(run)
+    for out in (model, run, model / "."):
+        for force in ([], ["--force"]):
+            _one_line_status_2(released.main, ["--model", model, "--out", out, *force], capsys,
+                               f"refusing to replace {out}: it ")
+            _one_line_status_2(expo.main, ["--weak", f["rm"], "--strong", model, "--alpha",
+                                           "1", "--out", out, *force], capsys,
+                               "--strong (" + str(model) + "), which this command reads")
+            assert _snapshot(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in run.iterdir()) == ["model"]
+
+
+def test_released_and_expo_replace_a_model_folder_only_with_force(f, tmp_path, capsys):
+    from minirm import expo, released
+
+    commands = {"released": (released.main, ["--model", f["rm"]]),
+                "expo": (expo.main, ["--weak", f["rm"], "--strong", f["rm"], "--alpha", "1"])}
+    for name, (main, argv) in commands.items():
+        out = shutil.copytree(f["lm"], tmp_path / name)
+        before = _snapshot(out)
+        _one_line_status_2(main, argv + ["--out", out], capsys,
+                           f"{out} is not empty; choose another --out or pass --force to "
+                           "replace it")
+        assert _snapshot(out) == before
+        main([str(a) for a in argv + ["--out", out, "--force"]])
+        assert _snapshot(out) != before and (out / "config.json").exists()
+        (tmp_path / f"{name}-empty").mkdir()  # an empty folder needs no --force
+        main([str(a) for a in argv + ["--out", tmp_path / f"{name}-empty"]])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert "replace an existing --out folder" in released.ReleasedSettings.__dataclass_fields__[
+        "force"].metadata["help"]
+    assert "replace an existing --out folder" in expo.ExpoSettings.__dataclass_fields__[
+        "force"].metadata["help"]

@@ -242,3 +242,69 @@ def test_bad_rows_are_one_line_and_status_2(tmp_path, capsys, row, match):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0] and "line 2" in err[0], err
+
+
+# ---- the output folder: an earlier run is never lost, --resume only continues one ----------
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _refused(capsys, argv, match):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sft.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and match in err[0], err
+    return err[0]
+
+
+def test_out_resume_and_force(tmp_path, capsys, monkeypatch):
+    """--out a file: refused; an earlier run there: refused without --force; --resume with no
+    checkpoint, or with other settings than the interrupted run's: refused, nothing written;
+    Ctrl-C names the --out to resume."""
+    from minirm.trainer import Trainer
+
+    data = write_chats(tmp_path / "chats.jsonl", CHATS)
+    afile = tmp_path / "afile.txt"
+    afile.write_text("keep me")
+    argv = ["--model", "debug", "--data", data, "--epochs", "2", "--batch-size", "6",
+            "--warmup-steps", "1", "--eval-every", "0", "--out"]
+    _refused(capsys, argv + [afile], f"--out {afile} exists and is not a folder")
+    _refused(capsys, argv + [afile / "x"], f"{afile} is a file, not a folder")
+    assert afile.read_text() == "keep me"
+    _refused(capsys, argv + [tmp_path / "typo", "--resume"],
+             f"--resume: no checkpoint in {tmp_path / 'typo'}")
+    _refused(capsys, argv[:-1] + ["--resume"], "--resume needs --out RUN")
+    assert not (tmp_path / "typo").exists()
+
+    done = tmp_path / "done"
+    sft.main([str(a) for a in argv + [done]])
+    before = _snapshot(done)
+    _refused(capsys, argv + [done, "--lr", "1e-2"], f"--out {done} already holds a finished "
+             "run")
+    assert _snapshot(done) == before
+    sft.main([str(a) for a in argv + [done, "--lr", "1e-2", "--force"]])
+    assert json.loads((done / "config.json").read_text())["lr"] == 1e-2
+
+    step = Trainer.train_step
+
+    def interrupted(self, *a, **kw):  # Ctrl-C arrives during step 2
+        out = step(self, *a, **kw)
+        self.stop_requested = self.step == 2
+        return out
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    cut = tmp_path / "cut"
+    with pytest.raises(SystemExit):
+        sft.main([str(a) for a in argv + [cut]])
+    assert f"(continue with --out {cut} --resume)" in capsys.readouterr().out
+    monkeypatch.setattr(Trainer, "train_step", step)
+    before = _snapshot(cut)
+    _refused(capsys, argv + [cut], f"--out {cut} holds an interrupted run")
+    line = _refused(capsys, argv + [cut, "--resume", "--batch-size", "3"],
+                    "--batch-size 3 (the run has 6)")
+    assert "--model" not in line and "--epochs" not in line, line
+    assert _snapshot(cut) == before
+    sft.main([str(a) for a in argv + [cut, "--resume", "--save-every", "5"]])
+    assert len((cut / "metrics.jsonl").read_text().splitlines()) == 6  # steps 1 to 6, once

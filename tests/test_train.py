@@ -139,3 +139,119 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, toy_data, capsys, argv, ma
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
+
+
+# ---- the output folder: an earlier run is never lost, --resume only continues one ----------
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes: to check that a refused run wrote nothing."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def refused(capsys, argv, match):
+    """main(argv) exits 2 with one line on stderr that holds `match`."""
+    capsys.readouterr()  # what earlier runs printed
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert match in err[0], err
+    return err[0]
+
+
+def interrupt_at(monkeypatch, n):
+    """Ctrl-C arrives during step n (as in test_resume_gives_the_same_losses)."""
+    step = Trainer.train_step
+
+    def interrupted(self, *a, **kw):
+        out = step(self, *a, **kw)
+        if self.step == n:
+            self.stop_requested = True
+        return out
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    return step
+
+
+def test_resume_with_nothing_to_resume_is_refused(tmp_path, toy_data, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out would be runs/... here
+    argv = ["--model", "debug", "--objective", "bt", "--data", toy_data, "--resume"]
+    refused(capsys, argv, "--resume needs --out RUN, the folder of the interrupted run")
+    refused(capsys, argv + ["--out", "typo-dir"], "--resume: no checkpoint in typo-dir; give "
+            "--out the folder of an interrupted run, or drop --resume to start a new run")
+    refused(capsys, argv + ["--out", "typo-dir", "--force"], "either --resume")
+    assert sorted(tmp_path.iterdir()) == []  # no runs/ folder, no typo-dir
+
+
+def test_out_that_is_a_file_or_cannot_be_made_is_refused(tmp_path, toy_data, capsys):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("keep me")
+    argv = ["--model", "debug", "--objective", "bt", "--data", toy_data, "--out"]
+    refused(capsys, argv + [afile], f"--out {afile} exists and is not a folder; choose "
+            "another --out")
+    refused(capsys, argv + [afile / "run"], f"{afile} is a file, not a folder")
+    refused(capsys, ["--model", "debug", "--out", afile], "exists and is not a folder")  # recipe
+    assert afile.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [afile]
+
+
+def test_a_finished_run_is_replaced_only_with_force(tmp_path, toy_data, capsys):
+    keep = tmp_path / "keep-bt"
+    run(keep, toy_data, "--objective", "bt", "--epochs", "0.5")
+    before = snapshot(keep)
+    argv = ["--model", "debug", "--objective", "margin-bt", "--data", toy_data, "--out", keep,
+            "--max-length", "128", "--epochs", "0.5"]
+    refused(capsys, argv, f"--out {keep} already holds a finished run ({keep / 'results.json'})"
+            "; choose another --out or pass --force to replace it")
+    assert snapshot(keep) == before
+    main([str(a) for a in argv + ["--force"]])
+    assert json.loads((keep / "config.json").read_text())["objective"] == "margin-bt"
+    assert snapshot(keep) != before
+
+
+def test_ctrl_c_names_the_out_to_resume_and_resume_checks_the_settings(tmp_path, toy_data,
+                                                                      capsys, monkeypatch):
+    cut = tmp_path / "cut"
+    step = interrupt_at(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        run(cut, toy_data, "--objective", "helpfulness", "--epochs", "1")
+    assert f"(continue with --out {cut} --resume)" in capsys.readouterr().out
+    monkeypatch.setattr(Trainer, "train_step", step)
+    before = snapshot(cut)
+    argv = ["--model", "debug", "--data", toy_data, "--out", cut, "--objective", "helpfulness",
+            "--lr", "1e-3", "--warmup-steps", "2", "--max-length", "128", "--epochs", "1",
+            "--schedule", "constant"]
+    refused(capsys, argv, f"--out {cut} holds an interrupted run ({cut / 'checkpoint'}); "
+            f"continue it with --out {cut} --resume")
+    line = refused(capsys, argv + ["--resume", "--batch-size", "64"],
+                   "--resume: settings differ from the run in")
+    assert "--batch-size 64 (the run has 8)" in line and "--model" not in line, line
+    line = refused(capsys, argv + ["--resume", "--batch-size", "8", "--model", "toy"],
+                   "--model toy (the run has debug)")
+    assert "batch-size" not in line, line
+    assert snapshot(cut) == before  # config.json, metrics and checkpoint as they were
+    # what may differ does: how often to validate and save
+    run(cut, toy_data, "--objective", "helpfulness", "--epochs", "1", "--resume",
+        "--eval-every", "5", "--save-every", "50")
+    assert json.loads((cut / "results.json").read_text())["steps"] == len(losses_of(cut)) == 15
+
+
+def test_a_recipe_resumes_from_its_run_folder(tmp_path, toy_data, capsys, monkeypatch):
+    """The Ctrl-C line names the recipe's run folder (not the stage's); a rerun without
+    --resume is refused, a --resume with another --lr too, and the run then completes."""
+    rec = tmp_path / "rec"
+    argv = ["--model", "debug", "--data", toy_data, "--out", rec, "--max-length", "128",
+            "--batch-size", "16", "--eval-every", "0", "--expo-alphas", "0,1"]
+    step = interrupt_at(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        main([str(a) for a in argv])
+    out = capsys.readouterr().out
+    assert f"checkpoint saved to {rec / '1-helpfulness' / 'checkpoint'} (continue with " \
+           f"--out {rec} --resume)" in out, out
+    monkeypatch.setattr(Trainer, "train_step", step)
+    before = snapshot(rec)
+    refused(capsys, argv, f"--out {rec} holds an interrupted run")
+    refused(capsys, argv + ["--resume", "--lr", "0.1"], "--lr 0.1 (the run has 0.001)")
+    assert snapshot(rec) == before
+    main([str(a) for a in argv + ["--resume"]])
+    assert (rec / "results.json").exists() and (rec / "model" / "config.json").exists()
+    refused(capsys, argv, f"--out {rec} already holds a finished run")
