@@ -17,6 +17,7 @@ Every refusal is one line (a `UserError`) before anything is read, loaded or wri
 
 import json
 import os
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -28,24 +29,41 @@ from minirm.errors import UserError
 # interrupted one (checkpoint); metrics.jsonl and config.json go with either.
 FINISHED, INTERRUPTED = ("results.json", "model"), ("checkpoint",)
 RUN_FILES = (*FINISHED, *INTERRUPTED, "metrics.jsonl", "config.json")
+# The folders of a recipe's stages (minirm.recipes): 1-helpfulness, 2-scaled-bt, 3-expo, and
+# paper-table's seed0, seed1, ... with a folder per row inside. No other folder in --out is
+# taken for part of the run: --force never deletes it.
+STAGE = re.compile(r"\d+-[a-z][\w-]*|seed\d+")
+
+
+def stage_folders(out: Path, depth=0) -> list[Path]:
+    """A recipe's stage folders in `out`, up to `depth` levels down (inside a seedN folder,
+    every folder is a stage)."""
+    if depth < 1 or not out.is_dir():
+        return []
+    found = []
+    for p in sorted(out.iterdir()):
+        if p.is_dir() and not p.is_symlink() and STAGE.fullmatch(p.name):
+            found.append(p)
+            if depth > 1 and p.name.startswith("seed"):
+                found += [q for q in sorted(p.iterdir()) if q.is_dir() and not q.is_symlink()]
+    return found
 
 
 def held_run(out: Path, depth=0):
     """(kind, path) of the earlier run `out` holds, 'finished' or 'interrupted', or None.
 
-    depth > 0 also looks that many folders down, where a recipe keeps its stages: a stage
-    folder that holds anything of a run makes the whole run an interrupted one, unless `out`
-    itself holds the finished run's results."""
+    depth > 0 also looks in a recipe's stage folders (`stage_folders`): a stage that holds
+    anything of a run makes the whole run an interrupted one, unless `out` itself holds the
+    finished run's results."""
     if not out.is_dir():
         return None
     for name in FINISHED:
         if (out / name).exists():
             return "finished", out / name
-    for level in range(depth + 1):
-        for name in (*INTERRUPTED, *(FINISHED if level else ())):
-            found = sorted(out.glob("/".join(["*"] * level + [name])))
-            if found:
-                return "interrupted", found[0]
+    for folder in [out, *stage_folders(out, depth)]:
+        for name in (*INTERRUPTED, *(FINISHED if folder != out else ())):
+            if (folder / name).exists():
+                return "interrupted", folder / name
     return None
 
 
@@ -71,15 +89,20 @@ def check_out(given, out: Path, resume: bool, force: bool, depth=0, inputs=(),
                         "continue (without --out a new folder is made)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose another --out")
-    parent = out
+    for x in inputs:  # the run writes config.json, model/, ... into --out
+        if x is not None and Path(x).exists() and Path(x).resolve() == out.resolve():
+            raise UserError(f"--out {out} is the input {x}, which the run would write over; "
+                            "choose another --out")
+    probe = Path(os.path.abspath(out))  # `a/../b` names b: make and remove that
+    parent = probe
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
     if not out.exists():  # can it be made? (made and removed again: nothing is left behind)
-        made = [p for p in (out, *out.parents) if not p.exists()]
+        made = [p for p in (probe, *probe.parents) if not p.exists()]
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            probe.mkdir(parents=True, exist_ok=True)
             if int(os.environ.get("WORLD_SIZE", "1")) == 1:
                 for p in made:
                     p.rmdir()
@@ -107,8 +130,10 @@ def check_out(given, out: Path, resume: bool, force: bool, depth=0, inputs=(),
         raise UserError(f"--out {out} holds an interrupted run ({path}); continue it with "
                         f"{resume_hint(out)}, or choose another --out or pass --force to "
                         "replace it")
+    stages = stage_folders(out, depth)
     doomed = [p for p in sorted(out.iterdir()) if p.name in RUN_FILES
-              or (depth and p.is_dir() and held_run(p, depth - 1) is not None)]
+              or (p in stages and any(held_run(q) or (q / "checkpoint").exists()
+                                      for q in [p, *stages] if q == p or p in q.parents))]
     guarded = {f"the input {x}": Path(x).resolve() for x in inputs
                if x is not None and Path(x).exists()}
     guarded["the current directory"] = Path.cwd().resolve()
@@ -144,12 +169,24 @@ def check_resumed_settings(out: Path, now: dict, ignore=(), resolved=(),
         raise UserError(f"{path}: unreadable settings of the run to resume ({e}); resume "
                         "another run, or start a new run in another --out") from None
     now = json.loads(json.dumps({**now, **dict(resolved)}, default=str))
+    run_resolved = saved.get("resolved") if isinstance(saved.get("resolved"), dict) else {}
     for k in dict(resolved):
-        if isinstance(saved.get("resolved"), dict) and k in saved["resolved"]:
-            saved[k] = saved["resolved"][k]
+        if k in run_resolved:
+            saved[k] = run_resolved[k]
+    for k, v in now.items():  # a default given explicitly now: the run's resolved value
+        if saved.get(k) is None and v is not None and k in run_resolved:
+            saved[k] = run_resolved[k]
+    # Paths the run derived inside its own --out (a recipe's --init-from) are saved as given
+    # then: read them under the --out given now, which may be spelt another way.
+    before, here = saved.get("out"), now.get("out")
     for k in paths:
-        if isinstance(now.get(k), str) and isinstance(saved.get(k), str) and \
-                os.path.abspath(now[k]) == os.path.abspath(saved[k]):
+        if not (isinstance(now.get(k), str) and isinstance(saved.get(k), str)):
+            continue
+        theirs = saved[k]
+        if isinstance(before, str) and isinstance(here, str) and \
+                Path(theirs).parts[:len(Path(before).parts)] == Path(before).parts:
+            theirs = str(Path(here, *Path(theirs).parts[len(Path(before).parts):]))
+        if os.path.abspath(now[k]) == os.path.abspath(theirs):
             now[k] = saved[k]
 
     def show(v):
@@ -199,6 +236,10 @@ def check_out_folder(out, inputs: dict, force=False, flag="--out"):
         if not force:
             raise UserError(f"{given} is not empty; choose another {flag} or pass --force to "
                             "replace it")
+        if not (out / "config.json").is_file():  # --force replaces a model, nothing else
+            first = sorted(p.name for p in out.iterdir())[0]
+            raise UserError(f"refusing to replace {given}: it is not a model folder (it holds "
+                            f"{first}, and no config.json); choose another {flag}")
         cwd = Path.cwd()  # --force deletes the old folder: never the working directory
         if cwd == out or out in cwd.parents:
             raise UserError(f"refusing to replace {given}: it holds the current directory; "
