@@ -132,8 +132,7 @@ def check_out(given, out: Path, resume: bool, force: bool, depth=0, inputs=(),
                         "replace it")
     stages = stage_folders(out, depth)
     doomed = [p for p in sorted(out.iterdir()) if p.name in RUN_FILES
-              or (p in stages and any(held_run(q) or (q / "checkpoint").exists()
-                                      for q in [p, *stages] if q == p or p in q.parents))]
+              or (p in stages and any(held_run(q) for q in stages if q == p or p in q.parents))]
     guarded = {f"the input {x}": Path(x).resolve() for x in inputs
                if x is not None and Path(x).exists()}
     guarded["the current directory"] = Path.cwd().resolve()
