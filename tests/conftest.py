@@ -43,3 +43,26 @@ def hf_llama(tmp_path):
         folder = tmp_path / f"hf{len(list(tmp_path.iterdir()))}"
         return make_hf_llama(folder, **kw), folder
     return make
+
+
+def snapshot(path):
+    """Every file under `path` (or the file itself) with its bytes: a byte-for-byte check that
+    a refused command wrote, moved and deleted nothing."""
+    path = Path(path)
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def refused(capsys, call, match):
+    """call() exits with status 2 and one line on stderr, "error: ...", holding `match`;
+    returns that line."""
+    capsys.readouterr()  # what earlier calls printed
+    with pytest.raises(SystemExit) as e:
+        call()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert match in err[0], err
+    return err[0]
+

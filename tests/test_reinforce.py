@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from conftest import refused, snapshot
+
 from minirm import reinforce as R
 from minirm.checkpoint import load_model, load_tokenizer, save_model
 from minirm.config import preset
@@ -190,6 +192,20 @@ def debug_run(out, policy, prompts, *extra):
     return [{k: v for k, v in r.items() if k != "step_time"} for r in rows]
 
 
+def interrupted_run(out, policy_folder, prompts_file, monkeypatch):
+    """debug_run with Ctrl-C arriving during rollout batch 1 (raises SystemExit 130)."""
+    step = R.Reinforce.step
+
+    def interrupted(self, trainer, *a, **kw):
+        metrics = step(self, trainer, *a, **kw)
+        trainer.stop_requested = True
+        return metrics
+
+    with monkeypatch.context() as m:
+        m.setattr(R.Reinforce, "step", interrupted)
+        return debug_run(out, policy_folder, prompts_file)
+
+
 def test_golden_debug_run(tmp_path, policy_folder, prompts_file):
     rows = debug_run(tmp_path, policy_folder, prompts_file)
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -206,18 +222,9 @@ def test_golden_debug_run(tmp_path, policy_folder, prompts_file):
 def test_resume_after_interruption_is_exact(tmp_path, policy_folder, prompts_file,
                                             monkeypatch):
     full = debug_run(tmp_path / "full", policy_folder, prompts_file)
-    step = R.Reinforce.step
-
-    def interrupted(self, trainer, *a, **kw):  # Ctrl-C arrives during rollout batch 1
-        metrics = step(self, trainer, *a, **kw)
-        trainer.stop_requested = True
-        return metrics
-
-    monkeypatch.setattr(R.Reinforce, "step", interrupted)
     with pytest.raises(SystemExit) as stop:
-        debug_run(tmp_path / "cut", policy_folder, prompts_file)
+        interrupted_run(tmp_path / "cut", policy_folder, prompts_file, monkeypatch)
     assert stop.value.code == 130
-    monkeypatch.setattr(R.Reinforce, "step", step)
     # The sampler's state came back with the checkpoint: the same rollouts, bit for bit.
     assert debug_run(tmp_path / "cut", policy_folder, prompts_file, "--resume") == full
 
@@ -309,52 +316,30 @@ def test_toy_models_fall_back_to_training_once(tmp_path):
 
 # ---- the output folder: an earlier run is never lost, --resume only continues one ----------
 
-def _snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
-
-
-def _refused(capsys, run, match):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and match in err[0], err
-    return err[0]
-
-
 def test_out_resume_and_force(tmp_path, policy_folder, prompts_file, capsys, monkeypatch):
     """--out a file, --resume with nothing to resume or other settings than the interrupted
     run's, an earlier run without --force: one line each, status 2, nothing written."""
     afile = tmp_path / "afile.txt"
     afile.write_text("keep me")
-    _refused(capsys, lambda: debug_run(afile, policy_folder, prompts_file),
+    refused(capsys, lambda: debug_run(afile, policy_folder, prompts_file),
              f"--out {afile} exists and is not a folder")
-    _refused(capsys, lambda: debug_run(tmp_path / "typo", policy_folder, prompts_file,
+    refused(capsys, lambda: debug_run(tmp_path / "typo", policy_folder, prompts_file,
                                        "--resume"), f"--resume: no checkpoint in {tmp_path}")
     assert afile.read_text() == "keep me" and not (tmp_path / "typo").exists()
 
-    step = R.Reinforce.step
-
-    def interrupted(self, trainer, *a, **kw):  # Ctrl-C arrives during rollout batch 1
-        metrics = step(self, trainer, *a, **kw)
-        trainer.stop_requested = True
-        return metrics
-    monkeypatch.setattr(R.Reinforce, "step", interrupted)
     cut = tmp_path / "cut"
     with pytest.raises(SystemExit):
-        debug_run(cut, policy_folder, prompts_file)
+        interrupted_run(cut, policy_folder, prompts_file, monkeypatch)
     assert f"(continue with --out {cut} --resume)" in capsys.readouterr().out
-    monkeypatch.setattr(R.Reinforce, "step", step)
-    before = _snapshot(cut)
-    _refused(capsys, lambda: debug_run(cut, policy_folder, prompts_file),
+    before = snapshot(cut)
+    refused(capsys, lambda: debug_run(cut, policy_folder, prompts_file),
              f"--out {cut} holds an interrupted run")
-    _refused(capsys, lambda: debug_run(cut, policy_folder, prompts_file, "--resume", "--k",
+    refused(capsys, lambda: debug_run(cut, policy_folder, prompts_file, "--resume", "--k",
                                        "2"), "--k 2 (the run has 3)")
-    assert _snapshot(cut) == before
+    assert snapshot(cut) == before
     debug_run(cut, policy_folder, prompts_file, "--resume")
-    before = _snapshot(cut)
-    _refused(capsys, lambda: debug_run(cut, policy_folder, prompts_file),
+    before = snapshot(cut)
+    refused(capsys, lambda: debug_run(cut, policy_folder, prompts_file),
              f"--out {cut} already holds a finished run ({cut / 'model'})")
-    assert _snapshot(cut) == before
+    assert snapshot(cut) == before
     assert len(debug_run(cut, policy_folder, prompts_file, "--force", "--steps", "1")) == 1

@@ -73,6 +73,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import snapshot
+
 from minirm import checkpoint, data as D, gguf, losses, toysteer
 from minirm.checkpoint import load_model, save_model
 from minirm.config import LLAMA3_ROPE_SCALING as LLAMA3_SCALING
@@ -1240,15 +1242,6 @@ def test_the_docstring_table_counts_the_cases():
 
 # ------------------------------------------------------------------------- outputs never lost
 
-def _snapshot(path):
-    """Every file under `path` (or the file itself) -> its bytes: a byte-for-byte check."""
-    path = Path(path)
-    if path.is_file():
-        return {".": path.read_bytes()}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file()}
-
-
 def _one_line_status_2(main, argv, capsys, message):
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in argv])
@@ -1316,7 +1309,7 @@ def test_released_and_expo_never_replace_their_inputs(f, tmp_path, capsys):
 
     run = tmp_path / "run"
     model = shutil.copytree(f["rm"], run / "model")
-    before = _snapshot(run)
+    before = snapshot(run)
     for out in (model, run, model / "."):
         for force in ([], ["--force"]):
             _one_line_status_2(released.main, ["--model", model, "--out", out, *force], capsys,
@@ -1324,7 +1317,7 @@ def test_released_and_expo_never_replace_their_inputs(f, tmp_path, capsys):
             _one_line_status_2(expo.main, ["--weak", f["rm"], "--strong", model, "--alpha",
                                            "1", "--out", out, *force], capsys,
                                "--strong (" + str(model) + "), which this command reads")
-            assert _snapshot(run) == before
+            assert snapshot(run) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert sorted(p.name for p in run.iterdir()) == ["model"]
 
@@ -1336,13 +1329,13 @@ def test_released_and_expo_replace_a_model_folder_only_with_force(f, tmp_path, c
                 "expo": (expo.main, ["--weak", f["rm"], "--strong", f["rm"], "--alpha", "1"])}
     for name, (main, argv) in commands.items():
         out = shutil.copytree(f["lm"], tmp_path / name)
-        before = _snapshot(out)
+        before = snapshot(out)
         _one_line_status_2(main, argv + ["--out", out], capsys,
                            f"{out} is not empty; choose another --out or pass --force to "
                            "replace it")
-        assert _snapshot(out) == before
+        assert snapshot(out) == before
         main([str(a) for a in argv + ["--out", out, "--force"]])
-        assert _snapshot(out) != before and (out / "config.json").exists()
+        assert snapshot(out) != before and (out / "config.json").exists()
         (tmp_path / f"{name}-empty").mkdir()  # an empty folder needs no --force
         main([str(a) for a in argv + ["--out", tmp_path / f"{name}-empty"]])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import snapshot
+
 from minirm.errors import UserError
 from minirm.runs import (check_out, check_out_folder, check_resumed_settings, held_run,
                          stage_folders)
@@ -17,11 +19,6 @@ def touch(path: Path, text="x"):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
-
-
-def snapshot(folder: Path):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
 
 
 def test_force_deletes_only_the_run_and_its_stages(tmp_path):

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from conftest import refused, snapshot
+
 from minirm import sft
 from minirm.checkpoint import load_model
 from minirm.data import Encoded
@@ -246,18 +248,8 @@ def test_bad_rows_are_one_line_and_status_2(tmp_path, capsys, row, match):
 
 # ---- the output folder: an earlier run is never lost, --resume only continues one ----------
 
-def _snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
-
-
 def _refused(capsys, argv, match):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        sft.main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and match in err[0], err
-    return err[0]
+    return refused(capsys, lambda: sft.main([str(a) for a in argv]), match)
 
 
 def test_out_resume_and_force(tmp_path, capsys, monkeypatch):
@@ -281,10 +273,10 @@ def test_out_resume_and_force(tmp_path, capsys, monkeypatch):
 
     done = tmp_path / "done"
     sft.main([str(a) for a in argv + [done]])
-    before = _snapshot(done)
+    before = snapshot(done)
     _refused(capsys, argv + [done, "--lr", "1e-2"], f"--out {done} already holds a finished "
              "run")
-    assert _snapshot(done) == before
+    assert snapshot(done) == before
     sft.main([str(a) for a in argv + [done, "--lr", "1e-2", "--force"]])
     assert json.loads((done / "config.json").read_text())["lr"] == 1e-2
 
@@ -300,11 +292,11 @@ def test_out_resume_and_force(tmp_path, capsys, monkeypatch):
         sft.main([str(a) for a in argv + [cut]])
     assert f"(continue with --out {cut} --resume)" in capsys.readouterr().out
     monkeypatch.setattr(Trainer, "train_step", step)
-    before = _snapshot(cut)
+    before = snapshot(cut)
     _refused(capsys, argv + [cut], f"--out {cut} holds an interrupted run")
     line = _refused(capsys, argv + [cut, "--resume", "--batch-size", "3"],
                     "--batch-size 3 (the run has 6)")
     assert "--model" not in line and "--epochs" not in line, line
-    assert _snapshot(cut) == before
+    assert snapshot(cut) == before
     sft.main([str(a) for a in argv + [cut, "--resume", "--save-every", "5"]])
     assert len((cut / "metrics.jsonl").read_text().splitlines()) == 6  # steps 1 to 6, once

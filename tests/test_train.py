@@ -5,6 +5,9 @@ import json
 import pytest
 import torch
 
+import conftest
+from conftest import snapshot
+
 from minirm import toysteer
 from minirm.checkpoint import load_model
 from minirm.train import main
@@ -143,21 +146,9 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, toy_data, capsys, argv, ma
 
 # ---- the output folder: an earlier run is never lost, --resume only continues one ----------
 
-def snapshot(folder):
-    """Every file under `folder` with its bytes: to check that a refused run wrote nothing."""
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
-
-
 def refused(capsys, argv, match):
     """main(argv) exits 2 with one line on stderr that holds `match`."""
-    capsys.readouterr()  # what earlier runs printed
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    assert match in err[0], err
-    return err[0]
+    return conftest.refused(capsys, lambda: main([str(a) for a in argv]), match)
 
 
 def interrupt_at(monkeypatch, n):
