@@ -13,7 +13,6 @@ replayed from a CUDA graph, the idle time is what launches and Python still cost
 the "kernels" are torch's operators, which the steps in C++ (`minirm.decode`) do not show.
 """
 
-import argparse
 import re
 import sys
 import time
@@ -25,7 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minirm import bench  # noqa: E402
+from minirm.errors import ArgumentParser, UserError, cli  # noqa: E402
 from minirm.generate import generate, release  # noqa: E402
+from minirm.score import resolve_device  # noqa: E402
 
 # Kinds of kernel, by name: the first pattern a name matches.
 KINDS = [
@@ -40,8 +41,10 @@ def kind(name: str) -> str:
     return next((k for k, pattern in KINDS if re.search(pattern, name, re.I)), "other")
 
 
+@cli
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python benchmarks/profile_decode.py",
+                        description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -49,7 +52,9 @@ def main(argv=None):
     ap.add_argument("--eager", action="store_true", help="generate without compile=True")
     ap.add_argument("--top", type=int, default=12, help="kernels listed (default 12)")
     a = ap.parse_args(argv)
-    device = torch.device(a.device)
+    if a.new_tokens < 1 or a.prompt < 1 or a.top < 1:
+        raise UserError("--new-tokens, --prompt and --top must be at least 1")
+    device = torch.device(resolve_device(a.device))
     model = bench._gpu_model(a.preset, device).eval()
     cfg, N = model.cfg, a.new_tokens
     gen = torch.Generator().manual_seed(2)
@@ -57,8 +62,9 @@ def main(argv=None):
     sampler = torch.Generator(device).manual_seed(3)
     call = bench.synced(lambda: generate(model, prompt, N, temperature=1.0, pad_id=cfg.pad_id,
                                          generator=sampler, compile=not a.eager), device)
+    print("the first call: compiling (unless --eager) and capturing the graph ...", flush=True)
     start = time.perf_counter()
-    call()  # compiles (unless --eager) and captures the graph
+    call()
     print(f"first call (compiling, capturing): {time.perf_counter() - start:.1f} s")
     walls = []
     for _ in range(5):

@@ -138,6 +138,12 @@ def test_decode_profile_splits_a_call_by_kind_of_kernel(capsys):
     assert profile.kind("std::enable_if<...>gemvx_kernel<...>") == "products"
     assert profile.kind("triton_per_fused_add_mul_rsqrt_0") == "compiled (triton)"
     assert profile.kind("flash_fwd_splitkv_kernel") == "attention"
+    for argv, message in ((["--new-tokens", "0"], "must be at least 1"),
+                          (["--device", "tpu"], "--device tpu: not a device minirm runs on")):
+        with pytest.raises(SystemExit) as e:
+            profile.main(["--preset", "debug", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], err
 
 
 @pytest.mark.parametrize("argv,match", [
