@@ -16,6 +16,7 @@ import argparse
 import errno
 import os
 import sys
+import time
 from functools import wraps
 
 # Failed reads and writes that are never minirm's bug: the fix is on the machine, not the code.
@@ -76,7 +77,16 @@ def cli(main):
     return wrapper
 
 
+# Under torchrun, the first rank to exit makes torchrun stop the others: a rank other than 0
+# that fails waits this long first, so that rank 0, failing on the same check, prints its line
+# (seen in CI: rank 1 exited first, rank 0 was stopped before printing, and no line came out).
+OTHER_RANKS_WAIT_S = 2.0
+
+
 def _fail(message):
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr)
+    else:
+        sys.stderr.flush()
+        time.sleep(OTHER_RANKS_WAIT_S)
     sys.exit(2)
